@@ -1,0 +1,1 @@
+"""Attribution features: output functions, timesteps, per-sample gradients, projectors, scores."""

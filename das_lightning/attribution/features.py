@@ -1,0 +1,165 @@
+"""Collect (or resume, or reuse) the projected gradient features of one image set into a feature store."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from das_lightning import __version__
+from das_lightning.attribution.collector import ProjectedGradientCollector, ShardedPredictModule
+from das_lightning.attribution.grads import PerSampleGradients
+from das_lightning.attribution.projectors import build_projector
+from das_lightning.attribution.store import FeatureStore
+from das_lightning.attribution.timesteps import select_timesteps
+from das_lightning.data import ImageDataset
+from das_lightning.diffusion import NUM_TRAIN_TIMESTEPS
+from das_lightning.manifest import hash_array
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FeatureSettings:
+    """What is differentiated and how it is compressed (METHOD.md §2); all of it goes into the store manifest."""
+
+    name: str = "das"  # feature-set name: methods sharing settings share a store (trak, relatif, renorm, ...)
+    output_function: str = "mean"
+    timestep_strategy: str = "uniform"
+    num_timesteps: int = 10
+    timesteps: list[int] | None = None  # explicit list, with timestep_strategy=explicit
+    normalize_per_timestep: bool = True
+    projector: str = "dense"
+    projector_distribution: str = "rademacher"
+    projector_dim: int = 4096
+    projector_seed: int = 0
+    projector_options: dict[str, Any] = field(default_factory=dict)
+    param_pattern: str | None = None  # regex on parameter names; None = all trainable
+    e_seed: int = 0
+    batch_size: int = 32
+    timestep_batch: int | None = None
+    dtype: str = "float32"
+    num_workers: int = 0
+
+    def timestep_list(self) -> list[int]:
+        return select_timesteps(
+            self.timestep_strategy,
+            self.num_timesteps,
+            total=NUM_TRAIN_TIMESTEPS,
+            seed=self.e_seed,
+            explicit=self.timesteps,
+        )
+
+
+@dataclass
+class CollectionDevice:
+    """Where feature collection runs (Trainer arguments)."""
+
+    accelerator: str = "cpu"
+    devices: int | str = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    enable_progress_bar: bool = True
+
+
+def make_gradients(
+    unet: torch.nn.Module,
+    alphas_cumprod: torch.Tensor,
+    settings: FeatureSettings,
+    unet_kwargs: dict[str, Any] | None = None,
+) -> PerSampleGradients:
+    return PerSampleGradients(
+        unet,
+        alphas_cumprod,
+        output_function=settings.output_function,
+        timesteps=settings.timestep_list(),
+        normalize_per_timestep=settings.normalize_per_timestep,
+        param_filter=settings.param_pattern,
+        e_seed=settings.e_seed,
+        unet_kwargs=unet_kwargs,
+        timestep_batch=settings.timestep_batch,
+    )
+
+
+def make_projector(settings: FeatureSettings, num_params: int, device: torch.device | str = "cpu"):
+    options = dict(settings.projector_options)
+    if settings.projector == "dense":
+        options.setdefault("distribution", settings.projector_distribution)
+    if settings.projector != "identity":
+        options.setdefault("device", device)
+    return build_projector(
+        settings.projector, num_params, settings.projector_dim, settings.projector_seed, **options
+    )
+
+
+def feature_manifest(
+    checkpoint_id: str,
+    dataset: ImageDataset,
+    settings: FeatureSettings,
+    gradients: PerSampleGradients,
+    projector: Any,
+) -> dict[str, Any]:
+    """Everything that determines the rows; a store whose manifest differs is refused."""
+    described = {
+        k: v for k, v in asdict(settings).items() if k not in {"batch_size", "num_workers", "timestep_batch"}
+    }
+    return {
+        "checkpoint": checkpoint_id,
+        "set_name": dataset.set_name,
+        "num_images": len(dataset),
+        "labels_hash": hash_array(dataset.labels),
+        "features": described,
+        "gradients": gradients.describe(),
+        "projector": projector.describe(),
+        "package_version": __version__,
+    }
+
+
+def collect_features(
+    unet: torch.nn.Module,
+    alphas_cumprod: torch.Tensor,
+    dataset: ImageDataset,
+    checkpoint_id: str,
+    folder: Path,
+    settings: FeatureSettings,
+    device: CollectionDevice = CollectionDevice(),
+    logger: Any = None,
+    unet_kwargs: dict[str, Any] | None = None,
+    extra_inputs: Callable | None = None,
+) -> FeatureStore:
+    """Fill the store at ``folder`` with the features of every image of ``dataset``; resumes at missing rows."""
+    gradients = make_gradients(unet, alphas_cumprod, settings, unet_kwargs)
+    target = "cuda" if device.accelerator in {"gpu", "cuda"} and torch.cuda.is_available() else "cpu"
+    projector = make_projector(settings, gradients.num_parameters, target)
+    manifest = feature_manifest(checkpoint_id, dataset, settings, gradients, projector)
+    store = FeatureStore.open(folder, len(dataset), projector.dim, manifest, dtype=settings.dtype)
+    pending = store.pending_indices()
+    if pending.size == 0:
+        log.info("features at %s are complete; reusing them", folder)
+        return store
+    log.info("collecting %d of %d rows into %s", pending.size, len(dataset), folder)
+    module = ShardedPredictModule(unet, dataset, pending, settings.batch_size, settings.num_workers)
+    collector = ProjectedGradientCollector(store, gradients, projector, dataset.set_name, extra_inputs)
+    trainer = L.Trainer(
+        accelerator=device.accelerator,
+        devices=device.devices,
+        strategy=device.strategy,
+        num_nodes=device.num_nodes,
+        inference_mode=False,  # gradients are the point
+        use_distributed_sampler=False,  # the module shards the pending rows itself, without padding
+        logger=logger if logger is not None else False,
+        callbacks=[collector],
+        enable_progress_bar=device.enable_progress_bar,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.predict(module, return_predictions=False)
+    if trainer.world_size > 1:
+        trainer.strategy.barrier()
+    log.info("features: %.1f sample-timesteps/s on rank %d", collector.throughput, trainer.global_rank)
+    return store

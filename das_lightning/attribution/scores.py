@@ -1,0 +1,648 @@
+"""Attribution scores from projected gradient features: the kernel solve, DAS, TRAK/D-TRAK and the baselines.
+
+Shape contract (METHOD.md §2):
+
+- ``train_features`` Phi: N x k. ``query_features`` Q: M x k. Either may be anything with ``len()`` whose row
+  slices ``features[a:b]`` give a numpy array or a tensor, usually a read-only ``np.memmap`` of fp16/fp32. Train
+  features are only ever read in row blocks of ``block_size`` (N x k in float64 would not fit: 50000 x 32768 is
+  13 GB); query features are read whole (M x k in float64).
+- Every scorer returns a float32 numpy array of shape (M, N): queries x train. Results do not depend on
+  ``block_size`` nor on the order in which train rows were accumulated into the kernel (up to float64 rounding).
+- An optional boolean ``mask`` (M x N, see :func:`screen_candidates`) keeps only each query's candidates; every
+  other entry is exactly 0.
+
+The kernel is K = Phi^T Phi (k x k), accumulated in float64 block by block, and factorised once as
+K = V diag(s) V^T. Then (K + lambda I)^-1 = V diag(1 / (s + lambda)) V^T for every lambda of a grid without
+refactorising, and for a query q and train sample i
+
+    phi_q^T (K + lambda I)^-1 phi_i = (V^T phi_q)^T diag(1 / (s + lambda)) (V^T phi_i)
+    h_ii = phi_i^T (K + lambda I)^-1 phi_i = sum_j (V^T phi_i)_j^2 / (s_j + lambda)
+
+so a single pass over Phi serves all queries and all lambdas, with memory k^2 plus one block.
+
+``normalize_inverse`` reproduces the authors' habit of dividing (K + lambda I)^-1 by the mean absolute value of
+its entries. That multiplies every score of one (method, lambda) by the same positive constant, so it changes no
+ranking and no Spearman-based LDS; it only changes magnitudes, and thus how scores of different lambdas compare.
+Leverages h_ii always use the true inverse, so that 0 <= h_ii < 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+DEFAULT_BLOCK_SIZE = 1024
+
+
+class RowSliceable(Protocol):
+    """Features stored as rows: ``len()`` and row slices (a memmap, an array, a tensor, a feature store)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, rows: slice) -> Any: ...
+
+
+def _as_float64(rows: Any) -> torch.Tensor:
+    """A float64 CPU tensor from a numpy array, memmap slice or tensor (copies: memmaps are read-only)."""
+    if isinstance(rows, torch.Tensor):
+        return rows.detach().to(device="cpu", dtype=torch.float64)
+    return torch.from_numpy(np.array(rows, dtype=np.float64, copy=True))
+
+
+def iter_row_blocks(features: RowSliceable, block_size: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield ``(start, stop, rows)`` with ``rows`` = ``features[start:stop]`` as float64, in order."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    total = len(features)
+    for start in range(0, total, block_size):
+        stop = min(start + block_size, total)
+        yield start, stop, _as_float64(features[start:stop])
+
+
+def _read_all(features: RowSliceable) -> torch.Tensor:
+    """All rows as float64 (used for query features, which are few)."""
+    return _as_float64(features[0 : len(features)])
+
+
+class _RowNormalized:
+    """A view of row features in which every row is divided by its L2 norm (zero rows stay zero)."""
+
+    def __init__(self, features: RowSliceable):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        block = _as_float64(self.features[rows])
+        norms = block.norm(dim=1, keepdim=True)
+        return torch.where(norms > 0, block / norms.clamp_min(torch.finfo(torch.float64).tiny), block)
+
+
+class KernelSolver:
+    """The factorised kernel K = Phi^T Phi = V diag(s) V^T of a set of train features.
+
+    Build it once per feature set (:meth:`from_features`) and pass it to every kernel scorer and every lambda:
+    the eigendecomposition is the only O(k^3) step.
+    """
+
+    def __init__(self, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, num_samples: int):
+        # K is positive semi-definite; eigh can return -1e-13 for zero modes, which would make h_ii < 0
+        self.eigenvalues = eigenvalues.to(torch.float64).clamp_min(0.0)
+        self.eigenvectors = eigenvectors.to(torch.float64)
+        self.num_samples = num_samples
+        self._inverse_mean_abs: dict[float, float] = {}
+
+    @staticmethod
+    def accumulate_kernel(train_features: RowSliceable, block_size: int = DEFAULT_BLOCK_SIZE) -> torch.Tensor:
+        """K = Phi^T Phi in float64, summed over row blocks (memory k^2 plus one block)."""
+        kernel: torch.Tensor | None = None
+        for _, _, block in iter_row_blocks(train_features, block_size):
+            product = block.T @ block
+            kernel = product if kernel is None else kernel.add_(product)
+        if kernel is None:
+            raise ValueError("train_features has no rows")
+        return kernel
+
+    @classmethod
+    def from_features(
+        cls, train_features: RowSliceable, block_size: int = DEFAULT_BLOCK_SIZE
+    ) -> KernelSolver:
+        """Accumulate K from the train features and factorise it."""
+        kernel = cls.accumulate_kernel(train_features, block_size)
+        # symmetrise: summation order leaves K asymmetric in the last bits, and eigh reads one triangle only
+        kernel = 0.5 * (kernel + kernel.T)
+        eigenvalues, eigenvectors = torch.linalg.eigh(kernel)
+        return cls(eigenvalues, eigenvectors, num_samples=len(train_features))
+
+    @property
+    def dim(self) -> int:
+        """The feature dimension k."""
+        return int(self.eigenvalues.shape[0])
+
+    def inverse_spectrum(self, lam: float) -> torch.Tensor:
+        """1 / (s + lambda): the eigenvalues of (K + lambda I)^-1."""
+        if lam < 0:
+            raise ValueError(f"lambda must be non-negative, got {lam}")
+        return 1.0 / (self.eigenvalues + lam)
+
+    def to_eigenbasis(self, rows: Any) -> torch.Tensor:
+        """Rows expressed in the eigenbasis of K: rows @ V (float64)."""
+        return _as_float64(rows) @ self.eigenvectors
+
+    def solve(self, rows: Any, lam: float) -> torch.Tensor:
+        """X (K + lambda I)^-1 for the rows X (M x k), i.e. the transpose of (K + lambda I)^-1 X^T (float64).
+
+        Applying V diag(1 / (s + lambda)) V^T is the solve with the factorisation; no inverse is formed.
+        """
+        return (self.to_eigenbasis(rows) * self.inverse_spectrum(lam)) @ self.eigenvectors.T
+
+    def leverages(
+        self, features: RowSliceable, lam: float, block_size: int = DEFAULT_BLOCK_SIZE
+    ) -> np.ndarray:
+        """h_ii = phi_i^T (K + lambda I)^-1 phi_i for every row of ``features``, block by block (float64, N)."""
+        inverse_spectrum = self.inverse_spectrum(lam)
+        result = np.empty(len(features), dtype=np.float64)
+        for start, stop, block in iter_row_blocks(features, block_size):
+            result[start:stop] = (self.to_eigenbasis(block).square() @ inverse_spectrum).numpy()
+        return result
+
+    def inverse_mean_abs(self, lam: float, block_size: int = DEFAULT_BLOCK_SIZE) -> float:
+        """Mean absolute entry of (K + lambda I)^-1, built in row blocks (O(k^3) per lambda, cached)."""
+        if lam not in self._inverse_mean_abs:
+            inverse_spectrum = self.inverse_spectrum(lam)
+            total = 0.0
+            for start in range(0, self.dim, block_size):
+                rows = self.eigenvectors[start : start + block_size] * inverse_spectrum
+                total += float((rows @ self.eigenvectors.T).abs().sum())
+            self._inverse_mean_abs[lam] = total / self.dim**2
+        return self._inverse_mean_abs[lam]
+
+
+@dataclass(frozen=True)
+class _BlockTerms:
+    """What a kernel scorer needs for one block of train samples and one lambda."""
+
+    similarity: torch.Tensor  # M x b: phi_q^T (K + lambda I)^-1 phi_i, true (unscaled) inverse
+    leverage: torch.Tensor | None  # b: h_ii with the true inverse (None when the method does not use it)
+    inverse_scale: float  # 1 / mean|(K + lambda I)^-1| under normalize_inverse, else 1
+    start: int
+    stop: int
+
+
+# Turns the block terms into the scores of one method; a kernel method is the pair (finisher, needs leverage).
+_Finisher = Callable[[_BlockTerms], torch.Tensor]
+
+
+def _mask_block(scores: torch.Tensor, mask: Any, start: int, stop: int) -> torch.Tensor:
+    if mask is None:
+        return scores
+    keep = torch.as_tensor(np.asarray(mask[:, start:stop], dtype=bool))
+    return torch.where(keep, scores, torch.zeros((), dtype=scores.dtype))
+
+
+def _check_mask(mask: Any, num_queries: int, num_train: int) -> None:
+    if mask is not None and tuple(mask.shape) != (num_queries, num_train):
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)}, expected (queries, train) = ({num_queries}, {num_train})"
+        )
+
+
+def _kernel_scores(
+    query_features: RowSliceable | torch.Tensor,
+    train_features: RowSliceable,
+    lambdas: Sequence[float],
+    finisher: _Finisher,
+    *,
+    needs_leverage: bool,
+    solver: KernelSolver | None,
+    mask: Any,
+    block_size: int,
+    normalize_inverse: bool,
+) -> dict[float, np.ndarray]:
+    """One pass over the train features producing the (M, N) scores of one kernel method for every lambda."""
+    solver = solver if solver is not None else KernelSolver.from_features(train_features, block_size)
+    num_train = len(train_features)
+    if solver.num_samples != num_train:
+        raise ValueError(f"solver was built on {solver.num_samples} train samples, features have {num_train}")
+    queries_eigen = solver.to_eigenbasis(_read_all(query_features))  # M x k
+    num_queries = int(queries_eigen.shape[0])
+    _check_mask(mask, num_queries, num_train)
+    lambdas = [float(lam) for lam in lambdas]
+    inverse_spectra = {lam: solver.inverse_spectrum(lam) for lam in lambdas}
+    scales = {lam: 1.0 / solver.inverse_mean_abs(lam) if normalize_inverse else 1.0 for lam in lambdas}
+    results = {lam: np.zeros((num_queries, num_train), dtype=np.float32) for lam in lambdas}
+    for start, stop, block in iter_row_blocks(train_features, block_size):
+        block_eigen = solver.to_eigenbasis(block)  # b x k, shared by every lambda
+        block_eigen_squared = block_eigen.square() if needs_leverage else None
+        for lam in lambdas:
+            inverse_spectrum = inverse_spectra[lam]
+            terms = _BlockTerms(
+                similarity=(queries_eigen * inverse_spectrum) @ block_eigen.T,
+                leverage=None if block_eigen_squared is None else block_eigen_squared @ inverse_spectrum,
+                inverse_scale=scales[lam],
+                start=start,
+                stop=stop,
+            )
+            scores = _mask_block(finisher(terms), mask, start, stop)
+            results[lam][:, start:stop] = scores.numpy().astype(np.float32)
+    return results
+
+
+def _trak_finisher(terms: _BlockTerms) -> torch.Tensor:
+    return terms.similarity * terms.inverse_scale
+
+
+def _relatif_finisher(terms: _BlockTerms) -> torch.Tensor:
+    # the denominator phi_i^T K_l^-1 phi_i is the leverage, under the same (possibly rescaled) inverse
+    assert terms.leverage is not None
+    self_influence = (terms.leverage * terms.inverse_scale).sqrt()
+    safe = torch.where(self_influence > 0, self_influence, torch.ones_like(self_influence))
+    return torch.where(self_influence > 0, terms.similarity * terms.inverse_scale / safe, 0.0)
+
+
+def _das_finisher(
+    residuals: np.ndarray | None, leverage: bool, square: bool
+) -> Callable[[_BlockTerms], torch.Tensor]:
+    residual_tensor = None if residuals is None else torch.as_tensor(residuals, dtype=torch.float64)
+
+    def finish(terms: _BlockTerms) -> torch.Tensor:
+        # f_theta*(q) - f_theta\i(q) for a model linear in theta (exact Sherman-Morrison leave-one-out)
+        change = terms.similarity * terms.inverse_scale
+        if residual_tensor is not None:
+            change = change * residual_tensor[terms.start : terms.stop]
+        if leverage:
+            assert terms.leverage is not None
+            change = change / (1.0 - terms.leverage)
+        return change.square() if square else change
+
+    return finish
+
+
+def _residual_vector(residuals: Any, num_train: int) -> np.ndarray | None:
+    if residuals is None:
+        return None
+    vector = np.asarray(
+        residuals.detach().cpu() if isinstance(residuals, torch.Tensor) else residuals, dtype=np.float64
+    )
+    if vector.shape != (num_train,):
+        raise ValueError(f"residuals have shape {vector.shape}, expected ({num_train},)")
+    return vector
+
+
+def trak_scores(
+    query_features: RowSliceable,
+    train_features: RowSliceable,
+    lam: float,
+    *,
+    solver: KernelSolver | None = None,
+    mask: Any = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    normalize_inverse: bool = False,
+) -> np.ndarray:
+    """TRAK and D-TRAK: phi_q^T (K + lambda I)^-1 phi_i (the two differ only in the output function of the features)."""
+    return _kernel_scores(
+        query_features,
+        train_features,
+        [lam],
+        _trak_finisher,
+        needs_leverage=False,
+        solver=solver,
+        mask=mask,
+        block_size=block_size,
+        normalize_inverse=normalize_inverse,
+    )[float(lam)]
+
+
+def das_scores(
+    query_features: RowSliceable,
+    train_features: RowSliceable,
+    lam: float,
+    residuals: Any = None,
+    leverage: bool = True,
+    square: bool = True,
+    *,
+    solver: KernelSolver | None = None,
+    mask: Any = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    normalize_inverse: bool = False,
+) -> np.ndarray:
+    """DAS: (phi_q^T (K + lambda I)^-1 phi_i * r_i / (1 - h_ii))^2.
+
+    For a model linear in its parameters this is exactly (f_theta*(q) - f_theta\\i(q))^2, the squared change of the
+    output on q when sample i is left out; ``square=False`` keeps the sign (positive: including i raises f(q)).
+    ``residuals`` are the r_i (see :func:`residual_weights`; None means r_i = 1); ``leverage=False`` drops 1/(1-h_ii).
+    """
+    return das_scores_for_lambdas(
+        query_features,
+        train_features,
+        [lam],
+        residuals,
+        leverage,
+        square,
+        solver=solver,
+        mask=mask,
+        block_size=block_size,
+        normalize_inverse=normalize_inverse,
+    )[float(lam)]
+
+
+def das_scores_for_lambdas(
+    query_features: RowSliceable,
+    train_features: RowSliceable,
+    lambdas: Sequence[float],
+    residuals: Any = None,
+    leverage: bool = True,
+    square: bool = True,
+    *,
+    solver: KernelSolver | None = None,
+    mask: Any = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    normalize_inverse: bool = False,
+) -> dict[float, np.ndarray]:
+    """:func:`das_scores` for every lambda, in one pass over the train features."""
+    return _kernel_scores(
+        query_features,
+        train_features,
+        lambdas,
+        _das_finisher(_residual_vector(residuals, len(train_features)), leverage, square),
+        needs_leverage=leverage,
+        solver=solver,
+        mask=mask,
+        block_size=block_size,
+        normalize_inverse=normalize_inverse,
+    )
+
+
+def relatif_scores(
+    query_features: RowSliceable,
+    train_features: RowSliceable,
+    lam: float,
+    *,
+    solver: KernelSolver | None = None,
+    mask: Any = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    normalize_inverse: bool = False,
+) -> np.ndarray:
+    """Relative influence: TRAK / sqrt(phi_i^T (K + lambda I)^-1 phi_i) (0 for a zero train feature)."""
+    return _kernel_scores(
+        query_features,
+        train_features,
+        [lam],
+        _relatif_finisher,
+        needs_leverage=True,
+        solver=solver,
+        mask=mask,
+        block_size=block_size,
+        normalize_inverse=normalize_inverse,
+    )[float(lam)]
+
+
+def renorm_scores(
+    query_features: RowSliceable,
+    train_features: RowSliceable,
+    lam: float,
+    *,
+    solver: KernelSolver | None = None,
+    mask: Any = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    normalize_inverse: bool = False,
+) -> np.ndarray:
+    """Renormalized influence: TRAK on phi / ||phi|| for queries and train, kernel built on the normalised rows.
+
+    A ``solver`` passed here must have been built on the row-normalised train features (:func:`normalized_rows`).
+    """
+    return trak_scores(
+        normalized_rows(query_features),
+        normalized_rows(train_features),
+        lam,
+        solver=solver,
+        mask=mask,
+        block_size=block_size,
+        normalize_inverse=normalize_inverse,
+    )
+
+
+def normalized_rows(features: RowSliceable) -> RowSliceable:
+    """A lazy view of ``features`` with every row scaled to unit L2 norm (for renormalized influence)."""
+    return _RowNormalized(features)
+
+
+def _summed_steps(query_steps: Any) -> torch.Tensor:
+    """S x M x k per-denoising-step query features summed over the steps (float64, M x k), one step at a time."""
+    if len(getattr(query_steps, "shape", ())) != 3:
+        raise ValueError(
+            f"query_steps must be steps x queries x k, got shape {getattr(query_steps, 'shape', None)}"
+        )
+    total = _as_float64(query_steps[0])
+    for step in range(1, len(query_steps)):
+        total += _as_float64(query_steps[step])
+    return total
+
+
+def journey_trak_scores(
+    query_steps: Any,
+    train_features: RowSliceable,
+    lam: float,
+    *,
+    solver: KernelSolver | None = None,
+    mask: Any = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    normalize_inverse: bool = False,
+) -> np.ndarray:
+    """Journey-TRAK: the sum over the query's denoising steps of TRAK, computed as TRAK of the summed features
+    (the score is linear in the query feature). ``query_steps`` is steps x queries x k."""
+    return trak_scores(
+        _summed_steps(query_steps),
+        train_features,
+        lam,
+        solver=solver,
+        mask=mask,
+        block_size=block_size,
+        normalize_inverse=normalize_inverse,
+    )
+
+
+def _similarity_scores(
+    query_features: RowSliceable,
+    train_features: RowSliceable,
+    *,
+    cosine: bool,
+    mask: Any,
+    block_size: int,
+    dtype: type = np.float32,
+) -> np.ndarray:
+    queries = _read_all(query_features)
+    if cosine:
+        queries = _RowNormalized(queries)[:]
+    num_train = len(train_features)
+    _check_mask(mask, int(queries.shape[0]), num_train)
+    train_view = _RowNormalized(train_features) if cosine else train_features
+    result = np.zeros((int(queries.shape[0]), num_train), dtype=dtype)
+    for start, stop, block in iter_row_blocks(train_view, block_size):
+        result[:, start:stop] = _mask_block(queries @ block.T, mask, start, stop).numpy()
+    return result
+
+
+def dot_scores(
+    query_features: RowSliceable,
+    train_features: RowSliceable,
+    *,
+    mask: Any = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> np.ndarray:
+    """Plain inner products q . x_i (raw pixels, CLIP embeddings)."""
+    return _similarity_scores(query_features, train_features, cosine=False, mask=mask, block_size=block_size)
+
+
+def cosine_scores(
+    query_features: RowSliceable,
+    train_features: RowSliceable,
+    *,
+    mask: Any = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> np.ndarray:
+    """Cosine similarity (0 where either vector is zero); also the gradient-cosine baseline on features."""
+    return _similarity_scores(query_features, train_features, cosine=True, mask=mask, block_size=block_size)
+
+
+grad_cos_scores = cosine_scores
+
+
+def tracin_scores(
+    checkpoints: Sequence[tuple[float, RowSliceable, RowSliceable]],
+    *,
+    mask: Any = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> np.ndarray:
+    """TracIn: sum over checkpoints c of lr_c * Q_c Phi_c^T, from ``(lr_c, query_features_c, train_features_c)``."""
+    if not checkpoints:
+        raise ValueError("tracin_scores needs at least one checkpoint")
+    total: np.ndarray | None = None
+    for learning_rate, queries, train in checkpoints:
+        # summed in float64, rounded to float32 once at the end
+        products = _similarity_scores(
+            queries, train, cosine=False, mask=None, block_size=block_size, dtype=np.float64
+        )
+        contribution = float(learning_rate) * products
+        total = contribution if total is None else total + contribution
+    assert total is not None
+    _check_mask(mask, total.shape[0], total.shape[1])
+    if mask is not None:
+        total = np.where(np.asarray(mask, dtype=bool), total, 0.0)
+    return total.astype(np.float32)
+
+
+def _kernel_method(method: str, options: dict[str, Any], num_train: int) -> tuple[_Finisher, bool]:
+    """The finisher of a kernel method with its options, and whether it needs the leverages h_ii."""
+    if method in ("trak", "dtrak", "renorm", "journey_trak"):
+        return _trak_finisher, False
+    if method == "relatif":
+        return _relatif_finisher, True
+    if method == "das":
+        leverage = bool(options.get("leverage", True))
+        residuals = _residual_vector(options.get("residuals"), num_train)
+        return _das_finisher(residuals, leverage, bool(options.get("square", True))), leverage
+    raise KeyError(f"{method!r} is not a kernel method; kernel methods: {sorted(KERNEL_METHODS)}")
+
+
+KERNEL_METHODS = frozenset({"das", "trak", "dtrak", "relatif", "renorm", "journey_trak"})
+
+
+def scores_for_lambdas(
+    method: str,
+    query_features: Any,
+    train_features: RowSliceable,
+    lambdas: Sequence[float],
+    *,
+    solver: KernelSolver | None = None,
+    mask: Any = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    normalize_inverse: bool = False,
+    **options: Any,
+) -> dict[float, np.ndarray]:
+    """Scores of a kernel method for every lambda, from one factorisation and one pass over the train features.
+
+    ``options`` are the method's own (``residuals``, ``leverage``, ``square`` for DAS). ``query_features`` is
+    steps x queries x k for journey_trak. Memory of the result: len(lambdas) x M x N float32.
+    """
+    finisher, needs_leverage = _kernel_method(method, options, len(train_features))
+    if method == "renorm":
+        query_features, train_features = normalized_rows(query_features), normalized_rows(train_features)
+    elif method == "journey_trak":
+        query_features = _summed_steps(query_features)
+    return _kernel_scores(
+        query_features,
+        train_features,
+        lambdas,
+        finisher,
+        needs_leverage=needs_leverage,
+        solver=solver,
+        mask=mask,
+        block_size=block_size,
+        normalize_inverse=normalize_inverse,
+    )
+
+
+def default_lambda_grid() -> list[float]:
+    """{1, 2, 5} x 10^e for e in -2..6, ascending (the sweep of METHOD.md §2)."""
+    return [float(f"{mantissa}e{exponent}") for exponent in range(-2, 7) for mantissa in (1, 2, 5)]
+
+
+def residual_weights(per_timestep_losses: Any) -> np.ndarray:
+    """r_i = mean_t( sqrt(L_t(x_i)) / ||sqrt(L_.(x_i))||_2 ) from per-timestep training losses (N x T -> N).
+
+    Each row is unit-normalised over t before averaging, so r_i lies in [1/T, 1/sqrt(T)]: it measures how evenly
+    the loss of x_i is spread over timesteps, not its size. A row of zero losses has r_i = 0.
+    """
+    if isinstance(per_timestep_losses, torch.Tensor):
+        per_timestep_losses = per_timestep_losses.detach().cpu().numpy()
+    losses = np.asarray(per_timestep_losses, dtype=np.float64)
+    if losses.ndim != 2:
+        raise ValueError(f"per_timestep_losses must be train x timesteps, got shape {losses.shape}")
+    if (losses < 0).any():
+        raise ValueError("per-timestep losses must be non-negative")
+    roots = np.sqrt(losses)
+    norms = np.linalg.norm(roots, axis=1, keepdims=True)
+    normalised = np.divide(roots, norms, out=np.zeros_like(roots), where=norms > 0)
+    return normalised.mean(axis=1)
+
+
+def screen_candidates(cheap_scores: Any, m: int) -> np.ndarray:
+    """Boolean M x N mask keeping each query's m highest cheap scores (ties broken by lower train index)."""
+    scores = np.asarray(cheap_scores)
+    num_train = scores.shape[1]
+    mask = np.zeros(scores.shape, dtype=bool)
+    if m >= num_train:
+        mask[:] = True
+        return mask
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :m]
+    np.put_along_axis(mask, top, True, axis=1)
+    return mask
+
+
+def topk(scores: Any, k: int, mask: Any = None) -> dict[str, list[list[Any]]]:
+    """Per query the k highest (proponents) and k lowest (opponents) train indices and scores, as JSON lists.
+
+    With a ``mask`` only candidates are ranked. Ties go to the lower train index.
+    """
+    values = np.asarray(scores, dtype=np.float64)
+    candidates = np.ones(values.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    result: dict[str, list[list[Any]]] = {
+        "proponent_indices": [],
+        "proponent_scores": [],
+        "opponent_indices": [],
+        "opponent_scores": [],
+    }
+    for row, keep in zip(values, candidates, strict=True):
+        indices = np.flatnonzero(keep)
+        kept = row[indices]
+        highest = indices[np.argsort(-kept, kind="stable")[:k]]
+        lowest = indices[np.argsort(kept, kind="stable")[:k]]
+        result["proponent_indices"].append([int(i) for i in highest])
+        result["proponent_scores"].append([float(row[i]) for i in highest])
+        result["opponent_indices"].append([int(i) for i in lowest])
+        result["opponent_scores"].append([float(row[i]) for i in lowest])
+    return result
+
+
+# Method name -> scorer. Kernel methods (KERNEL_METHODS) take (queries, train, lam, ...); similarity baselines take
+# (queries, train); tracin takes a list of (lr, queries, train) per checkpoint; journey_trak takes steps x M x k.
+SCORERS: dict[str, Callable[..., np.ndarray]] = {
+    "das": das_scores,
+    "trak": trak_scores,
+    "dtrak": trak_scores,
+    "relatif": relatif_scores,
+    "renorm": renorm_scores,
+    "journey_trak": journey_trak_scores,
+    "grad_cos": grad_cos_scores,
+    "pixel_dot": dot_scores,
+    "pixel_cos": cosine_scores,
+    "clip_dot": dot_scores,
+    "clip_cos": cosine_scores,
+    "tracin": tracin_scores,
+}

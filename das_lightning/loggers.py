@@ -1,0 +1,58 @@
+"""Experiment loggers: W&B offline by default (no prompt, no network; `wandb sync` later), CSV, or none."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+
+
+@dataclass
+class LoggerSettings:
+    kind: str = "wandb"  # wandb | csv | none
+    mode: str = "offline"  # wandb: offline | online | disabled
+    project: str = "das-lightning"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+def build_logger(
+    settings: LoggerSettings, save_dir: Path, name: str, config: dict[str, Any]
+) -> Logger | None:
+    """A Lightning logger writing under ``save_dir`` that has logged the resolved ``config``."""
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    if settings.kind == "none":
+        return None
+    if settings.kind == "csv":
+        logger = CSVLogger(save_dir=str(save_dir), name="csv", version="")
+        logger.log_hyperparams(config)
+        return logger
+    if settings.kind == "wandb":
+        if settings.mode not in {"offline", "online", "disabled"}:
+            raise ValueError(f"logger.mode must be offline, online or disabled, not {settings.mode!r}")
+        # offline never prompts and never touches the network; runs land in <save_dir>/wandb
+        os.environ.setdefault("WANDB_SILENT", "true")
+        logger = WandbLogger(
+            project=settings.project,
+            entity=settings.entity,
+            name=name,
+            save_dir=str(save_dir),
+            mode=settings.mode,
+            tags=list(settings.tags),
+            config=config,
+        )
+        return logger
+    raise ValueError(f"unknown logger kind {settings.kind!r}; choose wandb, csv or none")
+
+
+def finish_logger(logger: Logger | None) -> None:
+    """Close a W&B run so that one failed job in a sweep does not poison the next."""
+    if isinstance(logger, WandbLogger):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()

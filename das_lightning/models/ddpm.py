@@ -1,0 +1,112 @@
+"""The DDPM LightningModule: epsilon-prediction training of a diffusers UNet with the paper's recipe
+(AdamW, cosine schedule with warm-up, gradient clipping via the Trainer, optional EMA)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from typing_extensions import override
+
+from das_lightning.diffusion import NUM_TRAIN_TIMESTEPS, make_scheduler
+from das_lightning.seeding import derive_seed
+
+
+@dataclass
+class OptimizerSettings:
+    """AdamW + cosine-with-warm-up settings; defaults are the paper's (METHOD.md §4)."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.95, 0.999)
+    weight_decay: float = 1e-6
+    warmup_steps: int = 500
+    total_steps: int = 8000
+    ema_decay: float | None = None
+
+
+class DiffusionModule(L.LightningModule):
+    """Trains ``unet`` to predict the noise added at a uniformly drawn timestep (L_simple).
+
+    Training noise comes from a generator owned by the module (seeded from ``seed`` and the rank, saved in
+    checkpoints), not from the noise rule: the noise rule is for measuring, training needs fresh noise.
+    """
+
+    def __init__(self, unet: torch.nn.Module, optimizer: OptimizerSettings, seed: int = 0):
+        super().__init__()
+        self.unet = unet
+        self.optimizer_settings = optimizer
+        self.seed = seed
+        self.noise_scheduler = make_scheduler()
+        self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone(), persistent=False)
+        self.ema_unet = None
+        if optimizer.ema_decay is not None:
+            self.ema_unet = copy.deepcopy(unet).requires_grad_(False)
+        self._noise_generator: torch.Generator | None = None
+        self._pending_generator_state: torch.Tensor | None = None
+
+    @property
+    def sampling_unet(self) -> torch.nn.Module:
+        """The weights users load and sample from: the EMA copy when EMA is on."""
+        return self.ema_unet if self.ema_unet is not None else self.unet
+
+    def _generator(self) -> torch.Generator:
+        if self._noise_generator is None:
+            self._noise_generator = torch.Generator(device="cpu")
+            self._noise_generator.manual_seed(derive_seed("train-noise", self.seed, self.global_rank))
+            if self._pending_generator_state is not None:
+                self._noise_generator.set_state(self._pending_generator_state)
+        return self._noise_generator
+
+    def diffusion_loss(self, images: torch.Tensor) -> torch.Tensor:
+        generator = self._generator()
+        batch = images.shape[0]
+        # drawn on the CPU so a run is reproducible on any device
+        noise = torch.randn(images.shape, generator=generator).to(images)
+        timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=generator).to(images.device)
+        abar = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1).to(images.dtype)
+        noisy = abar.sqrt() * images + (1 - abar).sqrt() * noise
+        predicted = self.unet(noisy, timesteps).sample
+        return torch.nn.functional.mse_loss(predicted.float(), noise.float())
+
+    @override
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.diffusion_loss(batch["image"])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at step {self.global_step}; lower train.lr or use precision=32"
+            )
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    @override
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema_unet is not None:
+            decay = self.optimizer_settings.ema_decay
+            with torch.no_grad():
+                for ema_param, param in zip(self.ema_unet.parameters(), self.unet.parameters(), strict=True):
+                    ema_param.lerp_(param.detach(), 1.0 - decay)
+
+    @override
+    def configure_optimizers(self):
+        settings = self.optimizer_settings
+        optimizer = torch.optim.AdamW(
+            self.unet.parameters(),
+            lr=settings.lr,
+            betas=tuple(settings.betas),
+            weight_decay=settings.weight_decay,
+        )
+        schedule = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["train_noise_generator_state"] = self._generator().get_state()
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._pending_generator_state = checkpoint.get("train_noise_generator_state")
+        self._noise_generator = None

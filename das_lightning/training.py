@@ -1,0 +1,316 @@
+"""Train one diffusion model (full set or an LDS subset), save it where later stages look, generate its queries."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from safetensors.torch import load_file, save_file
+from typing_extensions import override
+
+from das_lightning.data import ImageDataset
+from das_lightning.data.datamodule import DiffusionDataModule
+from das_lightning.data.subsets import lds_subset_indices, save_index_list
+from das_lightning.loggers import LoggerSettings, build_logger, finish_logger
+from das_lightning.manifest import atomic_write_text, check_or_write_manifest, hash_array
+from das_lightning.models.ddpm import DiffusionModule, OptimizerSettings
+from das_lightning.models.sampling import SamplerSettings, ddim_sample
+from das_lightning.paths import RunPaths
+from das_lightning.seeding import derive_seed
+
+log = logging.getLogger(__name__)
+
+DONE_MARKER = "DONE"
+
+
+@dataclass
+class SubsetSettings:
+    """Which training images a model sees: all of them, or LDS subset ``index`` of size alpha*N."""
+
+    kind: str = "full"  # full | lds
+    index: int | None = None
+    alpha: float = 0.5
+
+    def validate(self) -> None:
+        if self.kind not in {"full", "lds"}:
+            raise ValueError(f"subset.kind must be 'full' or 'lds', not {self.kind!r}")
+        if self.kind == "lds":
+            if self.index is None or int(self.index) < 0:
+                raise ValueError(f"subset.index must be an integer >= 0 for subset=lds, got {self.index!r}")
+            if not 0.0 < float(self.alpha) <= 1.0:
+                raise ValueError(f"subset.alpha must lie in (0, 1], got {self.alpha!r}")
+
+
+@dataclass
+class TrainSettings:
+    batch_size: int = 64
+    max_steps: int = 1000
+    grad_clip: float = 1.0
+    random_flip: bool = True
+    num_workers: int = 0
+    snapshot_every_n_steps: int = 0  # >0: keep weights every N steps for TracIn
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+
+
+@dataclass
+class TrainerSettings:
+    accelerator: str = "cpu"
+    devices: int | str = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    num_nodes: int = 1
+    enable_progress_bar: bool = True
+    log_every_n_steps: int = 10
+
+
+@dataclass
+class GenerationSettings:
+    num_images: int = 0
+    batch_size: int = 64
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+
+
+def training_seed(tag: str, seed: int) -> int:
+    """Subset models get seeds that differ from the full model's (METHOD.md §3): derived from tag and seed."""
+    return derive_seed("train", tag, seed) % (2**31)
+
+
+def subset_indices(dataset: ImageDataset, subset: SubsetSettings) -> np.ndarray:
+    subset.validate()
+    if subset.kind == "full":
+        return np.arange(len(dataset), dtype=np.int64)
+    return lds_subset_indices(dataset.labels, float(subset.alpha), int(subset.index))
+
+
+class SnapshotCallback(Callback):
+    """Keeps the weights and learning rate every N steps (safetensors), for TracIn."""
+
+    def __init__(self, folder: Path, every_n_steps: int):
+        self.folder = Path(folder)
+        self.every_n_steps = every_n_steps
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps or not trainer.is_global_zero:
+            return
+        target = self.folder / f"step{step:07d}"
+        target.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in pl_module.sampling_unet.state_dict().items()}
+        save_file(state, str(target / "diffusion_pytorch_model.safetensors"))
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        atomic_write_text(target / "snapshot.json", json.dumps({"step": step, "lr": lr}))
+
+
+def load_snapshot(unet: torch.nn.Module, folder: Path) -> float:
+    """Load a TracIn snapshot into ``unet``; returns its learning rate."""
+    unet.load_state_dict(load_file(str(Path(folder) / "diffusion_pytorch_model.safetensors")))
+    return float(json.loads((Path(folder) / "snapshot.json").read_text())["lr"])
+
+
+def _check_resumable(checkpoint: Path) -> None:
+    """Fail with the file's name, not a traceback from deep inside Lightning, when a checkpoint is unreadable."""
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any failure means the same thing to the user
+        raise RuntimeError(
+            f"cannot resume: checkpoint {checkpoint} is corrupt or not a checkpoint ({type(error).__name__}). "
+            "Delete it to train from scratch."
+        ) from error
+    if "state_dict" not in state:
+        raise RuntimeError(
+            f"cannot resume: {checkpoint} holds no state_dict; delete it to train from scratch."
+        )
+
+
+def train_model(
+    paths: RunPaths,
+    unet: torch.nn.Module,
+    train_set: ImageDataset,
+    subset: SubsetSettings,
+    seed: int,
+    train: TrainSettings,
+    trainer_settings: TrainerSettings,
+    logger_settings: LoggerSettings,
+    generation: GenerationSettings,
+    config: dict[str, Any],
+    resume_from: Path | None = None,
+) -> RunPaths:
+    """Train (or resume, or reuse) the model at ``paths`` and return where it lives."""
+    indices = subset_indices(train_set, subset)  # validates the subset before any work
+    run_dir = paths.run_dir
+    manifest = {
+        "dataset": train_set.set_name,
+        "num_train": len(train_set),
+        "subset": paths.tag,
+        "subset_alpha": subset.alpha if subset.kind == "lds" else 1.0,
+        "subset_hash": hash_array(indices),
+        "unet_config": {k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
+        "seed": seed,
+        "training_seed": training_seed(paths.tag, seed),
+        "train": asdict(train),
+    }
+    check_or_write_manifest(run_dir, manifest)
+    save_index_list(
+        paths.subset_path,
+        indices,
+        alpha=subset.alpha if subset.kind == "lds" else 1.0,
+        index=subset.index if subset.kind == "lds" else -1,
+        num_total=len(train_set),
+    )
+    atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2, sort_keys=True, default=str))
+
+    if (paths.unet_dir / DONE_MARKER).exists():
+        log.info("model at %s is complete; reusing it", paths.unet_dir)
+    else:
+        _fit(
+            paths,
+            unet,
+            train_set,
+            indices,
+            seed,
+            train,
+            trainer_settings,
+            logger_settings,
+            config,
+            resume_from,
+        )
+    if generation.num_images > 0 and _is_global_zero():
+        generate_queries(paths, generation)
+    return paths
+
+
+def _is_global_zero() -> bool:
+    return (
+        not torch.distributed.is_available()
+        or not torch.distributed.is_initialized()
+        or (torch.distributed.get_rank() == 0)
+    )
+
+
+def _fit(
+    paths: RunPaths,
+    unet: torch.nn.Module,
+    train_set: ImageDataset,
+    indices: np.ndarray,
+    seed: int,
+    train: TrainSettings,
+    trainer_settings: TrainerSettings,
+    logger_settings: LoggerSettings,
+    config: dict[str, Any],
+    resume_from: Path | None,
+) -> None:
+    seed_for_run = training_seed(paths.tag, seed)
+    L.seed_everything(seed_for_run, workers=True, verbose=False)
+    optimizer = OptimizerSettings(**{**asdict(train.optimizer), "total_steps": train.max_steps})
+    module = DiffusionModule(unet, optimizer, seed=seed_for_run)
+    datamodule = DiffusionDataModule(
+        dataset=train_set,
+        subset_indices=indices,
+        batch_size=train.batch_size,
+        num_workers=train.num_workers,
+        random_flip=train.random_flip,
+        seed=seed_for_run,
+    )
+    checkpoint = ModelCheckpoint(
+        dirpath=paths.checkpoint_path.parent,
+        filename="last",
+        save_top_k=0,
+        save_last=True,
+        every_n_train_steps=max(1, min(500, train.max_steps)),
+        enable_version_counter=False,
+    )
+    callbacks: list[Callback] = [checkpoint]
+    if train.snapshot_every_n_steps > 0:
+        callbacks.append(SnapshotCallback(paths.snapshots_dir, train.snapshot_every_n_steps))
+    resume = Path(resume_from) if resume_from is not None else None
+    if resume is not None and not resume.exists():
+        raise FileNotFoundError(f"cannot resume: checkpoint {resume} does not exist")
+    if resume is None and paths.checkpoint_path.exists():
+        resume = paths.checkpoint_path
+    if resume is not None:
+        _check_resumable(resume)
+        log.info("resuming from %s", resume)
+    logger = build_logger(
+        logger_settings, paths.run_dir, name=f"train/{paths.dataset}/{paths.tag}/seed{seed}", config=config
+    )
+    try:
+        trainer = L.Trainer(
+            max_steps=train.max_steps,
+            gradient_clip_val=train.grad_clip,
+            accelerator=trainer_settings.accelerator,
+            devices=trainer_settings.devices,
+            strategy=trainer_settings.strategy,
+            precision=trainer_settings.precision,
+            num_nodes=trainer_settings.num_nodes,
+            logger=logger if logger is not None else False,
+            callbacks=callbacks,
+            default_root_dir=str(paths.run_dir),
+            enable_progress_bar=trainer_settings.enable_progress_bar,
+            log_every_n_steps=trainer_settings.log_every_n_steps,
+            enable_model_summary=False,
+            deterministic=False,
+        )
+        trainer.fit(
+            module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True
+        )
+        if trainer.is_global_zero:
+            target = module.sampling_unet
+            target.save_pretrained(str(paths.unet_dir), safe_serialization=True)
+            atomic_write_text(paths.unet_dir / DONE_MARKER, f"{trainer.global_step}\n")
+    finally:
+        finish_logger(logger)
+
+
+def load_unet(paths: RunPaths) -> torch.nn.Module:
+    """The trained UNet of a run (safetensors); a clear error naming the folder when it is not there."""
+    from diffusers import UNet2DModel
+
+    if not (paths.unet_dir / DONE_MARKER).exists():
+        raise FileNotFoundError(
+            f"no finished model at {paths.unet_dir}: train it first with "
+            f"`python train.py` (same dataset/model/subset/seed settings)"
+        )
+    return UNet2DModel.from_pretrained(str(paths.unet_dir), use_safetensors=True)
+
+
+def generate_queries(paths: RunPaths, generation: GenerationSettings) -> Path:
+    """Generate (or reuse) the model's query images: ``queries/generated.safetensors`` + a PNG grid."""
+    from das_lightning.viz import image_grid
+
+    folder = paths.queries_dir
+    manifest = {
+        "num_images": generation.num_images,
+        "model": str(paths.unet_dir),
+        **generation.sampler.describe(),
+    }
+    check_or_write_manifest(folder, manifest)
+    target = folder / "generated.safetensors"
+    if target.exists():
+        return target
+    unet = load_unet(paths)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    images = ddim_sample(
+        unet.to(device), generation.num_images, generation.sampler, generation.batch_size, device
+    )
+    image_grid(images[:64], nrow=8).save(folder / "generated_grid.png")
+    tmp = folder / "generated.safetensors.tmp"
+    save_file({"images": images.contiguous()}, str(tmp))
+    tmp.replace(target)
+    return target
+
+
+def load_generated_queries(paths: RunPaths) -> torch.Tensor:
+    target = paths.queries_dir / "generated.safetensors"
+    if not target.exists():
+        raise FileNotFoundError(
+            f"no generated queries at {target}: run `python train.py` with generation on first"
+        )
+    return load_file(str(target))["images"]

@@ -1,0 +1,173 @@
+"""Pictures of attributions: image grids, a query-by-query grid of proponents and opponents, and W&B helpers.
+
+Images are tensors B x C x H x W in [-1, 1] (the diffusion models' range), C = 1 (grayscale) or 3 (RGB).
+No torchvision (it breaks lightning on this stack); the W&B helpers do nothing when no run is active and never
+fail to import when wandb is absent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+SEPARATOR_COLOUR = (255, 255, 255)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """B x C x H x W in [-1, 1] to B x H x W x C uint8 in [0, 255] (values outside [-1, 1] are clipped)."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images B x C x H x W with C in (1, 3), got shape {tuple(images.shape)}")
+    scaled = ((images.detach().cpu().to(torch.float32).clamp(-1, 1) + 1) * 127.5).round()
+    return scaled.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def _to_pil(pixels: np.ndarray) -> Image.Image:
+    """H x W x C uint8 to a PIL image ("L" for one channel, "RGB" for three)."""
+    # uint8 H x W becomes mode "L", uint8 H x W x 3 becomes "RGB" (fromarray's mode argument is deprecated)
+    return Image.fromarray(np.ascontiguousarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels))
+
+
+def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: int = 0) -> Image.Image:
+    """Tile images into a grid of ``nrow`` images per row, ``padding`` pixels between and around tiles.
+
+    Size: width = ncol * (W + padding) + padding, height = nrows * (H + padding) + padding, with
+    ncol = min(nrow, B). Tile (r, c) starts at (padding + c * (W + padding), padding + r * (H + padding)).
+    """
+    pixels = to_uint8(images)
+    count, height, width, channels = pixels.shape
+    columns = min(nrow, count)
+    rows = math.ceil(count / columns)
+    canvas = np.full(
+        (rows * (height + padding) + padding, columns * (width + padding) + padding, channels),
+        pad_value,
+        dtype=np.uint8,
+    )
+    for index in range(count):
+        top = padding + (index // columns) * (height + padding)
+        left = padding + (index % columns) * (width + padding)
+        canvas[top : top + height, left : left + width] = pixels[index]
+    return _to_pil(canvas)
+
+
+def upscale_factor(size: int, min_size: int) -> int:
+    """The smallest integer factor that brings ``size`` pixels to at least ``min_size`` (nearest-neighbour)."""
+    return max(1, math.ceil(min_size / size))
+
+
+def attribution_grid(
+    query_images: torch.Tensor,
+    train_images_lookup: Callable[[list[int]], torch.Tensor],
+    top_indices: Sequence[Sequence[int]],
+    scores: Sequence[Sequence[float]] | None = None,
+    opponent_indices: Sequence[Sequence[int]] | None = None,
+    opponent_scores: Sequence[Sequence[float]] | None = None,
+    min_size: int = 48,
+    padding: int = 2,
+    separator_width: int = 8,
+) -> Image.Image:
+    """One row per query: the query, a separator, its top proponents, then (optionally) a separator and opponents.
+
+    ``train_images_lookup`` maps a list of train indices to their images (B x C x H x W in [-1, 1]), so the
+    caller decides how images are fetched (a dataset, a cache). Tiny images are upscaled by an integer factor
+    (nearest) to at least ``min_size`` pixels. With ``scores`` (and ``opponent_scores``) each tile gets its score
+    printed under it. Lists of indices may be shorter than others; missing tiles stay blank.
+    """
+    if len(top_indices) != len(query_images):
+        raise ValueError(f"{len(query_images)} query images but {len(top_indices)} rows of indices")
+    query_pixels = to_uint8(query_images)
+    _, height, width, channels = query_pixels.shape
+    factor = upscale_factor(min(height, width), min_size)
+    tile_height, tile_width = height * factor, width * factor
+    caption_height = 12 if scores is not None or opponent_scores is not None else 0
+    cell_height = tile_height + caption_height + padding
+
+    num_proponents = max((len(row) for row in top_indices), default=0)
+    num_opponents = (
+        max((len(row) for row in opponent_indices), default=0) if opponent_indices is not None else 0
+    )
+    # x layout: pad | query | pad | separator | pad | proponents, each followed by pad [| separator | pad | opponents]
+    step = tile_width + padding
+    query_separator_left = padding + step
+    proponent_left = query_separator_left + separator_width + padding
+    opponent_separator_left = proponent_left + num_proponents * step
+    opponent_left = opponent_separator_left + separator_width + padding
+    total_width = opponent_left + num_opponents * step if num_opponents else opponent_separator_left
+    canvas = Image.new("RGB", (total_width, padding + cell_height * len(query_images)))
+    draw = ImageDraw.Draw(canvas)
+
+    def paste(pixels: np.ndarray, left: int, top: int, caption: float | None) -> None:
+        tile = _to_pil(pixels).convert("RGB").resize((tile_width, tile_height), Image.Resampling.NEAREST)
+        canvas.paste(tile, (left, top))
+        if caption is not None:
+            draw.text((left, top + tile_height), f"{caption:.3g}", fill=(255, 255, 255))
+
+    def separator(left: int, top: int) -> None:
+        draw.rectangle([left, top, left + separator_width - 1, top + tile_height - 1], fill=SEPARATOR_COLOUR)
+
+    for row, query in enumerate(query_pixels):
+        top = padding + row * cell_height
+        paste(query, padding, top, None)
+        separator(query_separator_left, top)
+        groups = [(top_indices[row], scores, proponent_left)]
+        if opponent_indices is not None and num_opponents:
+            separator(opponent_separator_left, top)
+            groups.append((opponent_indices[row], opponent_scores, opponent_left))
+        for indices, group_scores, left in groups:
+            indices = [int(index) for index in indices]
+            if not indices:
+                continue
+            train_pixels = to_uint8(train_images_lookup(indices))
+            if train_pixels.shape[1:] != (height, width, channels):
+                raise ValueError(
+                    f"train images have shape {train_pixels.shape[1:]}, queries {(height, width, channels)}"
+                )
+            for column, pixels in enumerate(train_pixels):
+                caption = None if group_scores is None else float(group_scores[row][column])
+                paste(pixels, left + column * step, top, caption)
+    return canvas
+
+
+def _active_run(logger_or_run: Any) -> Any:
+    """The W&B run behind a Lightning WandbLogger, a run, or None (the global run, if any)."""
+    if logger_or_run is not None:
+        # Lightning's WandbLogger exposes the run as .experiment; a run logs with .log (other loggers do not)
+        run = getattr(logger_or_run, "experiment", logger_or_run)
+        return run if callable(getattr(run, "log", None)) else None
+    try:
+        import wandb
+    except ImportError:
+        return None
+    return wandb.run
+
+
+def log_images_to_wandb(
+    logger_or_run: Any, key: str, pil_image: Image.Image, caption: str | None = None
+) -> bool:
+    """Log one image under ``key``; returns whether anything was logged (False without wandb or a run)."""
+    run = _active_run(logger_or_run)
+    if run is None:
+        return False
+    try:
+        import wandb
+    except ImportError:
+        return False
+    run.log({key: wandb.Image(pil_image, caption=caption)})
+    return True
+
+
+def log_table(logger_or_run: Any, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> bool:
+    """Log a table (e.g. one row per query with its top proponents); returns whether anything was logged."""
+    run = _active_run(logger_or_run)
+    if run is None:
+        return False
+    try:
+        import wandb
+    except ImportError:
+        return False
+    run.log({key: wandb.Table(columns=list(columns), data=[list(row) for row in rows])})
+    return True
