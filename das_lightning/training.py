@@ -142,6 +142,8 @@ def train_model(
     generation: GenerationSettings,
     config: dict[str, Any],
     resume_from: Path | None = None,
+    module_class: type[DiffusionModule] = DiffusionModule,
+    module_kwargs: dict[str, Any] | None = None,
 ) -> RunPaths:
     """Train (or resume, or reuse) the model at ``paths`` and return where it lives."""
     indices = subset_indices(train_set, subset)  # validates the subset before any work
@@ -181,6 +183,8 @@ def train_model(
             logger_settings,
             config,
             resume_from,
+            module_class,
+            module_kwargs,
         )
     if generation.num_images > 0 and _is_global_zero():
         generate_queries(paths, generation)
@@ -206,11 +210,13 @@ def _fit(
     logger_settings: LoggerSettings,
     config: dict[str, Any],
     resume_from: Path | None,
+    module_class: type[DiffusionModule],
+    module_kwargs: dict[str, Any] | None,
 ) -> None:
     seed_for_run = training_seed(paths.tag, seed)
     L.seed_everything(seed_for_run, workers=True, verbose=False)
     optimizer = OptimizerSettings(**{**asdict(train.optimizer), "total_steps": train.max_steps})
-    module = DiffusionModule(unet, optimizer, seed=seed_for_run)
+    module = module_class(unet, optimizer, seed=seed_for_run, **(module_kwargs or {}))
     datamodule = DiffusionDataModule(
         dataset=train_set,
         subset_indices=indices,
@@ -262,8 +268,7 @@ def _fit(
             module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True
         )
         if trainer.is_global_zero:
-            target = module.sampling_unet
-            target.save_pretrained(str(paths.unet_dir), safe_serialization=True)
+            module.save_trained(str(paths.unet_dir))
             atomic_write_text(paths.unet_dir / DONE_MARKER, f"{trainer.global_step}\n")
     finally:
         finish_logger(logger)

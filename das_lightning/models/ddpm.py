@@ -60,20 +60,29 @@ class DiffusionModule(L.LightningModule):
                 self._noise_generator.set_state(self._pending_generator_state)
         return self._noise_generator
 
-    def diffusion_loss(self, images: torch.Tensor) -> torch.Tensor:
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """What the denoiser sees for a data batch: (clean input x_0, extra keyword inputs).
+
+        Pixel-space DDPM: the image itself and nothing else. Latent and text-conditioned models override this
+        (VAE latents, text embeddings), and the rest of the training loop stays as it is.
+        """
+        return batch["image"], {}
+
+    def diffusion_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        images, unet_kwargs = self.model_inputs(batch)
         generator = self._generator()
-        batch = images.shape[0]
+        batch_size = images.shape[0]
         # drawn on the CPU so a run is reproducible on any device
         noise = torch.randn(images.shape, generator=generator).to(images)
-        timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=generator).to(images.device)
+        timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch_size,), generator=generator).to(images.device)
         abar = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1).to(images.dtype)
         noisy = abar.sqrt() * images + (1 - abar).sqrt() * noise
-        predicted = self.unet(noisy, timesteps).sample
+        predicted = self.unet(noisy, timesteps, **unet_kwargs).sample
         return torch.nn.functional.mse_loss(predicted.float(), noise.float())
 
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.diffusion_loss(batch["image"])
+        loss = self.diffusion_loss(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"training loss is {loss.item()} at step {self.global_step}; lower train.lr or use precision=32"
@@ -101,6 +110,14 @@ class DiffusionModule(L.LightningModule):
         )
         schedule = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimizer updates (all UNet weights here; LoRA adapters only for the LoRA model)."""
+        return [parameter for parameter in self.unet.parameters() if parameter.requires_grad]
+
+    def save_trained(self, folder: str) -> None:
+        """Write the weights users load (diffusers format, safetensors)."""
+        self.sampling_unet.save_pretrained(folder, safe_serialization=True)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
