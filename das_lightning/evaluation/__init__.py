@@ -1,0 +1,51 @@
+"""Evaluation: the LDS ground truth (losses of subset models on the queries) and the LDS itself."""
+
+from das_lightning.evaluation.ground_truth import (
+    GroundTruthModule,
+    LossPredictionWriter,
+    cached_query_losses,
+    gather_predictions,
+    ground_truth_manifest,
+    query_losses,
+    read_prediction_files,
+)
+from das_lightning.evaluation.lds import (
+    LDSRecord,
+    LDSResult,
+    PairedDifference,
+    bootstrap_lds,
+    evaluate_method,
+    heldout_split,
+    lds_by_lambda,
+    lds_per_query,
+    markdown_table,
+    paired_bootstrap_difference,
+    paired_difference,
+    plot_lds_vs_lambda,
+    select_lambda,
+    write_lds_json,
+)
+
+__all__ = [
+    "GroundTruthModule",
+    "LDSRecord",
+    "LDSResult",
+    "LossPredictionWriter",
+    "PairedDifference",
+    "bootstrap_lds",
+    "cached_query_losses",
+    "evaluate_method",
+    "gather_predictions",
+    "ground_truth_manifest",
+    "heldout_split",
+    "lds_by_lambda",
+    "lds_per_query",
+    "markdown_table",
+    "paired_bootstrap_difference",
+    "paired_difference",
+    "plot_lds_vs_lambda",
+    "query_losses",
+    "read_prediction_files",
+    "select_lambda",
+    "write_lds_json",
+]

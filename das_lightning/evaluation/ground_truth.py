@@ -1,0 +1,248 @@
+"""LDS ground truth (METHOD.md §3, step 3): the loss of a subset model on each query.
+
+L(q) = mean over e_seeds and over a timestep grid of L_simple(q, t, eps), with eps from the SHARED noise rule
+(:func:`das_lightning.diffusion.rule_noise`, keyed by (set_name, dataset index, t, e_seed)), so the ground truth sees
+exactly the noise that the query's attribution features saw.
+
+The noise does not depend on the model, but it is redrawn per batch rather than cached across models: drawing costs
+~25 us per (query, t, e_seed) pair on one CPU core for a 3x32x32 image (measured here), ~75 s for 1000 queries x 1000
+timesteps x 3 e_seeds, while keeping it would take 3e6 x 3072 floats = 37 GB. A UNet forward of the same pairs costs
+far more, so the draw is not the bottleneck.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from safetensors.torch import load_file, save_file
+from typing_extensions import override
+
+from das_lightning.diffusion import per_sample_loss, rule_noise
+from das_lightning.manifest import check_or_write_manifest, hash_array
+
+DEFAULT_E_SEEDS: tuple[int, ...] = (0, 1, 2)
+DEFAULT_TIMESTEPS: tuple[int, ...] = tuple(range(1000))
+LOSSES_FILE = "losses.safetensors"
+
+
+def _as_index_list(indices: Sequence[int] | torch.Tensor) -> list[int]:
+    return [int(i) for i in (indices.tolist() if torch.is_tensor(indices) else indices)]
+
+
+@torch.no_grad()
+def query_losses(
+    unet: torch.nn.Module,
+    alphas_cumprod: torch.Tensor,
+    images: torch.Tensor,
+    indices: Sequence[int] | torch.Tensor,
+    set_name: str,
+    timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
+    e_seeds: Sequence[int] = DEFAULT_E_SEEDS,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Ground-truth loss of ``unet`` on each query: images (Q, C, H, W) in [-1, 1] -> (Q,) float64.
+
+    Every (query, timestep, e_seed) triple is one row of a UNet batch of up to ``batch_size`` rows; the noise of a row
+    depends only on (set_name, indices[q], t, e_seed), so the result does not depend on batch size or query order.
+    """
+    index_list = _as_index_list(indices)
+    num_queries = images.shape[0]
+    assert len(index_list) == num_queries, f"{len(index_list)} indices for {num_queries} images"
+    timestep_list, e_seed_list = [int(t) for t in timesteps], [int(e) for e in e_seeds]
+    assert timestep_list and e_seed_list, "need at least one timestep and one e_seed"
+    was_training = unet.training
+    unet.eval()
+    alphas_cumprod = alphas_cumprod.to(device)
+    # all (query, timestep, e_seed) triples, flattened: row r -> query r // (T*E), then t, then e_seed
+    query_of_row = torch.arange(num_queries).repeat_interleave(len(timestep_list) * len(e_seed_list))
+    timestep_of_row = torch.tensor(timestep_list).repeat_interleave(len(e_seed_list)).repeat(num_queries)
+    e_seed_of_row = torch.tensor(e_seed_list).repeat(num_queries * len(timestep_list))
+    totals = torch.zeros(num_queries, dtype=torch.float64)
+    try:
+        for start in range(0, query_of_row.numel(), batch_size):
+            rows = slice(start, start + batch_size)
+            queries, steps, seeds = query_of_row[rows], timestep_of_row[rows], e_seed_of_row[rows]
+            # rule_noise takes one e_seed: draw each e_seed's rows and scatter them back into batch order
+            noise = torch.empty((queries.numel(), *images.shape[1:]), dtype=torch.float32)
+            for e_seed in seeds.unique().tolist():
+                chosen = seeds == e_seed
+                noise[chosen] = rule_noise(
+                    set_name,
+                    [index_list[q] for q in queries[chosen].tolist()],
+                    steps[chosen],
+                    e_seed,
+                    images.shape[1:],
+                )
+            clean = images[queries].to(device=device, dtype=torch.float32)
+            losses = per_sample_loss(unet, clean, noise.to(device), steps.to(device), alphas_cumprod)  # (B,)
+            totals.index_add_(0, queries, losses.double().cpu())
+    finally:
+        unet.train(was_training)
+    return totals / (len(timestep_list) * len(e_seed_list))
+
+
+class GroundTruthModule(lightning.LightningModule):
+    """Predict-only module: batch {"index": (B,), "image": (B, C, H, W) in [-1, 1], ...} -> {"index", "loss"}.
+
+    Run it with ``trainer.predict`` over the query set; under DDP write the outputs with
+    :class:`LossPredictionWriter` and assemble them with :func:`gather_predictions`.
+    """
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        alphas_cumprod: torch.Tensor,
+        timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
+        e_seeds: Sequence[int] = DEFAULT_E_SEEDS,
+        set_name: str = "val",
+        pair_batch_size: int = 256,
+    ):
+        super().__init__()
+        self.unet = unet
+        self.register_buffer("alphas_cumprod", alphas_cumprod.detach().clone().float(), persistent=False)
+        self.timesteps = [int(t) for t in timesteps]
+        self.e_seeds = [int(e) for e in e_seeds]
+        self.set_name = set_name
+        self.pair_batch_size = pair_batch_size
+
+    @override
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        losses = query_losses(
+            self.unet,
+            self.alphas_cumprod,
+            batch["image"],
+            batch["index"],
+            self.set_name,
+            self.timesteps,
+            self.e_seeds,
+            batch_size=self.pair_batch_size,
+            device=self.device,
+        )
+        return {"index": torch.as_tensor(batch["index"]).long().cpu(), "loss": losses}
+
+
+class LossPredictionWriter(BasePredictionWriter):
+    """Writes each rank's {"index", "loss"} rows to ``<folder>/losses_rank<r>.safetensors`` at the end of predict,
+    so outputs survive ``ddp_spawn`` (whose workers return nothing to the launcher) and multi-node runs alike."""
+
+    def __init__(self, folder: Path):
+        super().__init__(write_interval="epoch")
+        self.folder = Path(folder)
+
+    @override
+    def write_on_epoch_end(
+        self,
+        trainer: lightning.Trainer,
+        pl_module: lightning.LightningModule,
+        predictions: Sequence[Any],
+        batch_indices: Sequence[Any] | None,
+    ) -> None:
+        outputs = _flatten_outputs(predictions)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "index": torch.cat([output["index"] for output in outputs]).long(),
+            "loss": torch.cat([output["loss"] for output in outputs]).double(),
+        }
+        _atomic_save(tensors, self.folder / f"losses_rank{trainer.global_rank}.safetensors")
+
+
+def read_prediction_files(folder: Path) -> list[dict[str, torch.Tensor]]:
+    """The per-rank files written by :class:`LossPredictionWriter`, as predict outputs."""
+    paths = sorted(Path(folder).glob("losses_rank*.safetensors"))
+    if not paths:
+        raise FileNotFoundError(f"no losses_rank*.safetensors in {folder}")
+    return [load_file(path) for path in paths]
+
+
+def _flatten_outputs(outputs: Iterable[Any]) -> list[Mapping[str, torch.Tensor]]:
+    """Predict outputs come as a list of dicts, or a list per dataloader of lists of dicts."""
+    flat: list[Mapping[str, torch.Tensor]] = []
+    for output in outputs:
+        if isinstance(output, Mapping):
+            flat.append(output)
+        else:
+            flat.extend(_flatten_outputs(output))
+    return flat
+
+
+def gather_predictions(
+    outputs: Iterable[Any], indices: Sequence[int] | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Assemble predict outputs into one (Q,) float64 tensor, ordered by ``indices`` (default: sorted indices).
+
+    A plain DistributedSampler pads ranks with repeated samples, so an index may appear twice (Lightning's own
+    predict sampler does not pad, a user-supplied one may): the copies are deduplicated and must agree. A requested index with no row is an error, never a silent zero.
+    """
+    loss_by_index: dict[int, float] = {}
+    for output in _flatten_outputs(outputs):
+        for index, loss in zip(output["index"].tolist(), output["loss"].double().tolist(), strict=True):
+            previous = loss_by_index.setdefault(int(index), loss)
+            if abs(previous - loss) > 1e-6 * max(1.0, abs(loss)):
+                raise ValueError(f"index {index} has two different losses: {previous} and {loss}")
+    wanted = sorted(loss_by_index) if indices is None else _as_index_list(indices)
+    missing = [index for index in wanted if index not in loss_by_index]
+    if missing:
+        raise KeyError(f"{len(missing)} requested indices have no prediction, e.g. {missing[:5]}")
+    return torch.tensor([loss_by_index[index] for index in wanted], dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------------------------------- cache
+
+
+def ground_truth_manifest(
+    model_id: str,
+    set_name: str,
+    indices: Sequence[int] | torch.Tensor,
+    timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
+    e_seeds: Sequence[int] = DEFAULT_E_SEEDS,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The settings that make a ground-truth cache: the model (e.g. its checkpoint hash), the queries, the grid."""
+    index_list = _as_index_list(indices)
+    return {
+        "kind": "lds_ground_truth",
+        "model": model_id,
+        "set_name": set_name,
+        "num_queries": len(index_list),
+        "query_indices_hash": hash_array(index_list),
+        "timesteps_hash": hash_array(timesteps),
+        "num_timesteps": len(timesteps),
+        "e_seeds": [int(e) for e in e_seeds],
+        **extra,
+    }
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({key: value.contiguous() for key, value in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def cached_query_losses(
+    cache_dir: Path, manifest: Mapping[str, Any], compute: Callable[[], torch.Tensor]
+) -> torch.Tensor:
+    """Ground-truth losses of one model, computed once and kept in ``cache_dir/losses.safetensors``.
+
+    A cache made with other settings (``manifest`` differs from the one on disk) raises
+    :class:`das_lightning.manifest.ManifestMismatchError` naming the differing keys; nothing is pickled.
+    """
+    cache_dir = Path(cache_dir)
+    check_or_write_manifest(cache_dir, manifest)
+    path = cache_dir / LOSSES_FILE
+    if path.exists():
+        return load_file(path)["loss"]
+    losses = compute().detach().cpu().double()
+    expected = manifest.get("num_queries")
+    if expected is not None and losses.shape != (expected,):
+        raise ValueError(
+            f"computed losses have shape {tuple(losses.shape)}, manifest says {expected} queries"
+        )
+    _atomic_save({"loss": losses}, path)
+    return losses
