@@ -98,3 +98,94 @@ def generation_settings(cfg: DictConfig, enabled: bool = True) -> GenerationSett
         batch_size=int(generate["batch_size"]),
         sampler=SamplerSettings(**generate["sampler"]),
     )
+
+
+def method_settings(cfg: DictConfig):
+    from das_lightning.attribution.features import FeatureSettings
+    from das_lightning.attribution.pipeline import MethodSettings
+
+    method = to_plain(cfg.method)
+    features = method.pop("features", None)
+    return MethodSettings(**method, features=FeatureSettings(**features) if features else None)
+
+
+def collection_device(cfg: DictConfig):
+    from das_lightning.attribution.features import CollectionDevice
+
+    trainer = to_plain(cfg.trainer)
+    return CollectionDevice(
+        accelerator=trainer["accelerator"],
+        devices=trainer["devices"],
+        strategy=trainer["strategy"],
+        num_nodes=trainer.get("num_nodes", 1),
+        enable_progress_bar=trainer.get("enable_progress_bar", True),
+    )
+
+
+def query_settings(cfg: DictConfig):
+    from das_lightning.queries import QuerySettings
+
+    return QuerySettings(**to_plain(cfg.queries))
+
+
+def attribution_inputs(cfg: DictConfig, paths: RunPaths, method):
+    """The full model, its training set and its query sets, as the attribute stage needs them."""
+    import json
+
+    from das_lightning.attribution.pipeline import AttributionInputs
+    from das_lightning.diffusion import make_scheduler
+    from das_lightning.queries import build_query_sets
+    from das_lightning.training import load_unet
+
+    unet = load_unet(paths)
+    train_set = dataset_from_config(cfg, split="train")
+    require_trained_on(paths, train_set)
+    query_sets = build_query_sets(query_settings(cfg), dataset_from_config(cfg, split="test"), paths)
+    snapshots = []
+    if method.kind == "tracin":
+        for folder in sorted(paths.snapshots_dir.glob("step*")):
+            lr = json.loads((folder / "snapshot.json").read_text())["lr"]
+            snapshots.append((folder / "diffusion_pytorch_model.safetensors", float(lr)))
+    journey = {}
+    if method.kind == "journey_trak" and "generated" in query_sets:
+        from das_lightning.attribution.journey import predicted_clean_steps
+
+        journey["generated"] = predicted_clean_steps(
+            unet, paths, len(query_sets["generated"]), method.journey_steps
+        )
+    return AttributionInputs(
+        unet=unet,
+        alphas_cumprod=make_scheduler().alphas_cumprod,
+        checkpoint_file=paths.unet_dir / "diffusion_pytorch_model.safetensors",
+        train_set=train_set,
+        query_sets=query_sets,
+        features_dir=paths.features_dir,
+        scores_dir=paths.scores_dir,
+        snapshots=snapshots,
+        journey=journey,
+    )
+
+
+def make_logger(cfg: DictConfig, save_dir: Path, name: str):
+    from das_lightning.loggers import build_logger
+
+    return build_logger(logger_settings(cfg), save_dir, name=name, config=to_plain(cfg))
+
+
+def close_logger(logger) -> None:
+    from das_lightning.loggers import finish_logger
+
+    finish_logger(logger)
+
+
+def require_trained_on(paths: RunPaths, train_set) -> None:
+    """Refuse to attribute a model to a training set other than the one it was trained on."""
+    from das_lightning.manifest import ManifestMismatchError, manifest_differences, read_manifest
+
+    manifest = read_manifest(paths.run_dir) or {}
+    differences = manifest_differences(
+        {"dataset": manifest.get("dataset"), "num_train": manifest.get("num_train")},
+        {"dataset": train_set.set_name, "num_train": len(train_set)},
+    )
+    if differences:
+        raise ManifestMismatchError(paths.run_dir, differences)

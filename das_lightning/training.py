@@ -20,7 +20,7 @@ from das_lightning.data.datamodule import DiffusionDataModule
 from das_lightning.data.subsets import lds_subset_indices, save_index_list
 from das_lightning.loggers import LoggerSettings, build_logger, finish_logger
 from das_lightning.manifest import atomic_write_text, check_or_write_manifest, hash_array
-from das_lightning.models.ddpm import DiffusionModule, OptimizerSettings
+from das_lightning.models.ddpm import DiffusionModule, OptimizerSettings, load_trained_network
 from das_lightning.models.sampling import SamplerSettings, ddim_sample
 from das_lightning.paths import RunPaths
 from das_lightning.seeding import derive_seed
@@ -159,6 +159,9 @@ def train_model(
         "training_seed": training_seed(paths.tag, seed),
         "train": asdict(train),
     }
+    if module_class is not DiffusionModule or module_kwargs:
+        # other modules (LoRA rank, pretrained pipeline, VAE) make other models: keep their runs apart
+        manifest["module"] = {"class": module_class.__qualname__, **(module_kwargs or {})}
     check_or_write_manifest(run_dir, manifest)
     save_index_list(
         paths.subset_path,
@@ -218,7 +221,7 @@ def _fit(
     optimizer = OptimizerSettings(**{**asdict(train.optimizer), "total_steps": train.max_steps})
     module = module_class(unet, optimizer, seed=seed_for_run, **(module_kwargs or {}))
     datamodule = DiffusionDataModule(
-        dataset=train_set,
+        dataset=module.prepare_training_set(train_set),
         subset_indices=indices,
         batch_size=train.batch_size,
         num_workers=train.num_workers,
@@ -276,14 +279,12 @@ def _fit(
 
 def load_unet(paths: RunPaths) -> torch.nn.Module:
     """The trained UNet of a run (safetensors); a clear error naming the folder when it is not there."""
-    from diffusers import UNet2DModel
-
     if not (paths.unet_dir / DONE_MARKER).exists():
         raise FileNotFoundError(
             f"no finished model at {paths.unet_dir}: train it first with "
             f"`python train.py` (same dataset/model/subset/seed settings)"
         )
-    return UNet2DModel.from_pretrained(str(paths.unet_dir), use_safetensors=True)
+    return load_trained_network(paths.unet_dir)
 
 
 def generate_queries(paths: RunPaths, generation: GenerationSettings) -> Path:

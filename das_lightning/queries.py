@@ -1,0 +1,64 @@
+"""The query sets of an experiment, built the same way by attribute.py and evaluate_lds.py.
+
+``val``: a class-stratified sample of the test split; ``generated``: the full model's DDIM samples. Each set has its
+own identity (``set_name``) so the noise rule gives its images noise of their own, the same in features and in the
+LDS ground truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from das_lightning.data import ImageDataset, TensorImageDataset, stratified_sample
+from das_lightning.paths import RunPaths
+from das_lightning.seeding import derive_seed
+from das_lightning.training import load_generated_queries
+
+QUERY_SETS = ("val", "generated")
+
+
+@dataclass
+class QuerySettings:
+    sets: list[str] = field(default_factory=lambda: list(QUERY_SETS))
+    num_val: int = 64
+    num_generated: int = 64
+
+
+def validation_queries(test_set: ImageDataset, count: int) -> ImageDataset:
+    count = min(count, len(test_set))
+    rng = np.random.default_rng(derive_seed("val-queries", test_set.set_name, count))
+    indices = stratified_sample(test_set.labels, count, rng)
+    return test_set.take(indices, f"{test_set.set_name}:q{count}")
+
+
+def generated_queries(paths: RunPaths, count: int, image_size: int) -> ImageDataset:
+    images = load_generated_queries(paths)
+    if count > len(images):
+        raise ValueError(
+            f"{count} generated queries asked for but {paths.queries_dir} holds {len(images)}; "
+            "raise generate.num_images when training, or lower queries.num_generated"
+        )
+    pixels = ((images[:count].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return TensorImageDataset(
+        f"generated:{paths.dataset}/{paths.model}/{paths.tag}/seed{paths.seed}",
+        pixels,
+        np.zeros(count, dtype=np.int64),
+        ["generated"],
+        image_size,
+    )
+
+
+def build_query_sets(
+    settings: QuerySettings, test_set: ImageDataset, paths: RunPaths
+) -> dict[str, ImageDataset]:
+    unknown = set(settings.sets) - set(QUERY_SETS)
+    if unknown:
+        raise ValueError(f"unknown query sets {sorted(unknown)}; choose from {list(QUERY_SETS)}")
+    builders = {
+        "val": lambda: validation_queries(test_set, settings.num_val),
+        "generated": lambda: generated_queries(paths, settings.num_generated, test_set.image_size),
+    }
+    return {name: builders[name]() for name in settings.sets}
