@@ -17,10 +17,9 @@ def main(cfg: DictConfig) -> None:
     subset = cli.subset_settings(cfg)
     subset.validate()  # refuse a bad subset before loading anything
     train_set = cli.dataset_from_config(cfg, split="train")
-    unet = hydra.utils.instantiate(cfg.model.unet)
     paths = train_model(
         paths=cli.run_paths(cfg),
-        unet=unet,
+        unet_factory=lambda: hydra.utils.instantiate(cfg.model.unet),
         train_set=train_set,
         subset=subset,
         seed=int(cfg.seed),

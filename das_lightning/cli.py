@@ -189,3 +189,67 @@ def require_trained_on(paths: RunPaths, train_set) -> None:
     )
     if differences:
         raise ManifestMismatchError(paths.run_dir, differences)
+
+
+def run_lds(cfg: DictConfig) -> None:
+    """evaluate_lds.py mode=lds: compose the typed inputs and run the LDS stage."""
+    from das_lightning.evaluation.pipeline import LDSSettings, evaluate
+    from das_lightning.queries import build_query_sets
+
+    paths = run_paths(cfg)
+    train_set = dataset_from_config(cfg, split="train")
+    query_sets = build_query_sets(query_settings(cfg), dataset_from_config(cfg, split="test"), paths)
+    logger = make_logger(cfg, paths.lds_dir, name="evaluate_lds")
+    try:
+        report = evaluate(
+            paths,
+            train_set,
+            query_sets,
+            list(cfg.methods),
+            [tuple(pair) for pair in cfg.pairs],
+            LDSSettings(**to_plain(cfg.lds)),
+            collection_device(cfg),
+            logger,
+        )
+    finally:
+        close_logger(logger)
+    print(report.table)
+    print(f"\nwritten: {paths.lds_dir}/lds.json, lds.md, lds_vs_lambda_*.png")
+
+
+def run_counterfactual(cfg: DictConfig) -> None:
+    """evaluate_lds.py mode=counterfactual: retrain without top-k proponents with the full model's own recipe."""
+    import json
+
+    import hydra
+    from omegaconf import OmegaConf
+
+    from das_lightning.evaluation.counterfactual import CounterfactualSettings, counterfactual
+    from das_lightning.training import train_model
+
+    paths = run_paths(cfg)
+    train_set = dataset_from_config(cfg, split="train")
+    require_trained_on(paths, train_set)
+    recipe = OmegaConf.create(
+        json.loads((paths.run_dir / "config.json").read_text())
+    )  # the full model's config
+
+    def retrain(run: RunPaths, subset: SubsetSettings) -> RunPaths:
+        return train_model(
+            paths=run,
+            unet_factory=lambda: hydra.utils.instantiate(recipe.model.unet),
+            train_set=train_set,
+            subset=subset,
+            seed=int(recipe.seed),
+            train=train_settings(recipe),
+            trainer_settings=trainer_settings(cfg),
+            logger_settings=logger_settings(cfg),
+            generation=generation_settings(recipe, enabled=False),
+            config=to_plain(recipe),
+        )
+
+    result = counterfactual(paths, train_set, CounterfactualSettings(**to_plain(cfg.counterfactual)), retrain)
+    print(
+        f"counterfactual ({result.method}): median pixel L2 after removing top proponents "
+        f"{result.median_l2_top:.3f} vs random removal {result.median_l2_random:.3f}"
+    )

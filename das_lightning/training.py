@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,13 +35,19 @@ DONE_MARKER = "DONE"
 class SubsetSettings:
     """Which training images a model sees: all of them, or LDS subset ``index`` of size alpha*N."""
 
-    kind: str = "full"  # full | lds
+    kind: str = "full"  # full | lds | custom (explicit indices, e.g. a counterfactual retraining)
     index: int | None = None
     alpha: float = 0.5
+    indices: list[int] | None = None  # kind=custom only
+    seed_tag: str | None = (
+        None  # training seed derived from this tag instead of the run's (counterfactuals: "full")
+    )
 
     def validate(self) -> None:
-        if self.kind not in {"full", "lds"}:
+        if self.kind not in {"full", "lds", "custom"}:
             raise ValueError(f"subset.kind must be 'full' or 'lds', not {self.kind!r}")
+        if self.kind == "custom" and not self.indices:
+            raise ValueError("subset.kind=custom needs a non-empty list of indices")
         if self.kind == "lds":
             if self.index is None or int(self.index) < 0:
                 raise ValueError(f"subset.index must be an integer >= 0 for subset=lds, got {self.index!r}")
@@ -86,6 +93,11 @@ def subset_indices(dataset: ImageDataset, subset: SubsetSettings) -> np.ndarray:
     subset.validate()
     if subset.kind == "full":
         return np.arange(len(dataset), dtype=np.int64)
+    if subset.kind == "custom":
+        indices = np.unique(np.asarray(subset.indices, dtype=np.int64))
+        if indices[0] < 0 or indices[-1] >= len(dataset):
+            raise ValueError(f"custom subset indices must lie in [0, {len(dataset)})")
+        return indices
     return lds_subset_indices(dataset.labels, float(subset.alpha), int(subset.index))
 
 
@@ -132,7 +144,7 @@ def _check_resumable(checkpoint: Path) -> None:
 
 def train_model(
     paths: RunPaths,
-    unet: torch.nn.Module,
+    unet_factory: Callable[[], torch.nn.Module],
     train_set: ImageDataset,
     subset: SubsetSettings,
     seed: int,
@@ -145,18 +157,24 @@ def train_model(
     module_class: type[DiffusionModule] = DiffusionModule,
     module_kwargs: dict[str, Any] | None = None,
 ) -> RunPaths:
-    """Train (or resume, or reuse) the model at ``paths`` and return where it lives."""
+    """Train (or resume, or reuse) the model at ``paths`` and return where it lives.
+
+    ``unet_factory`` is called after seeding, so the initial weights are a function of the run's training seed.
+    """
     indices = subset_indices(train_set, subset)  # validates the subset before any work
     run_dir = paths.run_dir
+    seed_for_run = training_seed(subset.seed_tag or paths.tag, seed)
+    L.seed_everything(seed_for_run, workers=True, verbose=False)
+    unet = unet_factory()
     manifest = {
         "dataset": train_set.set_name,
         "num_train": len(train_set),
         "subset": paths.tag,
-        "subset_alpha": subset.alpha if subset.kind == "lds" else 1.0,
+        "subset_alpha": subset.alpha if subset.kind == "lds" else len(indices) / len(train_set),
         "subset_hash": hash_array(indices),
         "unet_config": {k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
         "seed": seed,
-        "training_seed": training_seed(paths.tag, seed),
+        "training_seed": seed_for_run,
         "train": asdict(train),
     }
     if module_class is not DiffusionModule or module_kwargs:
@@ -180,7 +198,7 @@ def train_model(
             unet,
             train_set,
             indices,
-            seed,
+            seed_for_run,
             train,
             trainer_settings,
             logger_settings,
@@ -207,7 +225,7 @@ def _fit(
     unet: torch.nn.Module,
     train_set: ImageDataset,
     indices: np.ndarray,
-    seed: int,
+    seed_for_run: int,
     train: TrainSettings,
     trainer_settings: TrainerSettings,
     logger_settings: LoggerSettings,
@@ -216,8 +234,6 @@ def _fit(
     module_class: type[DiffusionModule],
     module_kwargs: dict[str, Any] | None,
 ) -> None:
-    seed_for_run = training_seed(paths.tag, seed)
-    L.seed_everything(seed_for_run, workers=True, verbose=False)
     optimizer = OptimizerSettings(**{**asdict(train.optimizer), "total_steps": train.max_steps})
     module = module_class(unet, optimizer, seed=seed_for_run, **(module_kwargs or {}))
     datamodule = DiffusionDataModule(
@@ -248,7 +264,10 @@ def _fit(
         _check_resumable(resume)
         log.info("resuming from %s", resume)
     logger = build_logger(
-        logger_settings, paths.run_dir, name=f"train/{paths.dataset}/{paths.tag}/seed{seed}", config=config
+        logger_settings,
+        paths.run_dir,
+        name=f"train/{paths.dataset}/{paths.tag}/seed{paths.seed}",
+        config=config,
     )
     try:
         trainer = L.Trainer(

@@ -44,9 +44,11 @@ def ddim_sample(
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     trajectory: bool = False,
+    first_index: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
-    """Generate ``num_images`` images in [-1, 1] (float32, CPU).
+    """Generate images ``first_index .. first_index + num_images - 1`` in [-1, 1] (float32, CPU).
 
+    Image j depends only on (settings, j): regenerating one image of a set gives that image again.
     With ``trajectory=True`` also returns the list of (timestep, x_t) visited, for Journey-TRAK.
     """
     config = unet.config
@@ -60,7 +62,7 @@ def ddim_sample(
     images, visited = [], []
     for start in range(0, num_images, batch_size):
         count = min(batch_size, num_images - start)
-        sample = initial_noise(count, shape, settings.seed, start).to(device)
+        sample = initial_noise(count, shape, settings.seed, first_index + start).to(device)
         steps = []
         for timestep in scheduler.timesteps:
             if trajectory:

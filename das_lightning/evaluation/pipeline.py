@@ -1,0 +1,275 @@
+"""The LDS stage (METHOD.md §3): find the subset models, measure their ground truth on the queries, score every
+method's attributions against it, and write ``lds.json``, a Markdown table and a plot of LDS against lambda."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from das_lightning.attribution.features import CollectionDevice
+from das_lightning.attribution.pipeline import load_scores
+from das_lightning.data import ImageDataset, load_index_record
+from das_lightning.diffusion import NUM_TRAIN_TIMESTEPS, make_scheduler
+from das_lightning.evaluation.ground_truth import (
+    GroundTruthModule,
+    LossPredictionWriter,
+    cached_query_losses,
+    gather_predictions,
+    ground_truth_manifest,
+    read_prediction_files,
+)
+from das_lightning.evaluation.lds import (
+    LDSRecord,
+    PairedDifference,
+    evaluate_method,
+    heldout_split,
+    lds_by_lambda,
+    markdown_table,
+    paired_difference,
+    plot_lds_vs_lambda,
+    select_lambda,
+    write_lds_json,
+)
+from das_lightning.manifest import ManifestMismatchError, hash_file
+from das_lightning.paths import RunPaths, subset_tag
+from das_lightning.training import DONE_MARKER, load_unet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LDSSettings:
+    num_subsets: int = 32
+    alpha: float = 0.5
+    seeds: list[int] = field(default_factory=lambda: [0])  # R training runs per subset
+    timestep_stride: int = 1  # ground truth on range(0, 1000, stride): 1 = all 1000 timesteps
+    e_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    query_batch_size: int = 16
+    pair_batch_size: int = 512
+    num_resamples: int = 1000
+    bootstrap_seed: int = 0
+
+    @property
+    def timesteps(self) -> list[int]:
+        return list(range(0, NUM_TRAIN_TIMESTEPS, self.timestep_stride))
+
+
+class MissingSubsetModelsError(FileNotFoundError):
+    pass
+
+
+def subset_models(
+    paths: RunPaths, settings: LDSSettings, num_train: int
+) -> tuple[np.ndarray, list[list[RunPaths]]]:
+    """(masks subsets x train, model paths per subset); names every missing model before any work."""
+    masks = np.zeros((settings.num_subsets, num_train), dtype=bool)
+    runs: list[list[RunPaths]] = []
+    missing: list[str] = []
+    for k in range(settings.num_subsets):
+        runs.append([])
+        for seed in settings.seeds:
+            run = paths.sibling(subset_tag("lds", k), seed)
+            if not (run.unet_dir / DONE_MARKER).exists() or not run.subset_path.exists():
+                missing.append(f"{k} (seed {seed})")
+                continue
+            runs[-1].append(run)
+        if runs[-1]:
+            record = load_index_record(runs[-1][0].subset_path)
+            if record.get("N") != num_train or abs(float(record.get("alpha") or 0) - settings.alpha) > 1e-9:
+                raise ManifestMismatchError(
+                    runs[-1][0].subset_path,
+                    {"N/alpha": ((record.get("N"), record.get("alpha")), (num_train, settings.alpha))},
+                )
+            masks[k, record["indices"]] = True
+    if missing:
+        indices = sorted({int(m.split()[0]) for m in missing})
+        raise MissingSubsetModelsError(
+            f"{len(missing)} subset models are missing: subset index {', '.join(missing[:20])}"
+            f"{' ...' if len(missing) > 20 else ''}. Train them with\n  python train.py -m subset=lds "
+            f"subset.index={','.join(map(str, indices))} seed={','.join(map(str, settings.seeds))}"
+        )
+    return masks, runs
+
+
+def model_losses(
+    run: RunPaths, queries: ImageDataset, settings: LDSSettings, device: CollectionDevice
+) -> torch.Tensor:
+    """Ground truth of one subset model on one query set, cached beside the LDS results (predict loop, DDP-ready)."""
+    weights = run.unet_dir / "diffusion_pytorch_model.safetensors"
+    manifest = ground_truth_manifest(
+        hash_file(weights), queries.set_name, list(range(len(queries))), settings.timesteps, settings.e_seeds
+    )
+    cache = run.lds_dir / "ground_truth" / f"{run.tag}-seed{run.seed}" / queries.set_name.replace("/", "_")
+
+    def compute() -> torch.Tensor:
+        unet = load_unet(run)
+        module = GroundTruthModule(
+            unet,
+            make_scheduler().alphas_cumprod,
+            settings.timesteps,
+            settings.e_seeds,
+            queries.set_name,
+            settings.pair_batch_size,
+        )
+        with tempfile.TemporaryDirectory(dir=cache.parent) as scratch:
+            trainer = lightning.Trainer(
+                accelerator=device.accelerator,
+                devices=device.devices,
+                strategy=device.strategy,
+                num_nodes=device.num_nodes,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=device.enable_progress_bar,
+                enable_model_summary=False,
+                callbacks=[LossPredictionWriter(Path(scratch))],
+            )
+            loader = DataLoader(queries, batch_size=settings.query_batch_size, shuffle=False)
+            trainer.predict(module, loader, return_predictions=False)
+            trainer.strategy.barrier()
+            return gather_predictions(read_prediction_files(Path(scratch)), list(range(len(queries))))
+
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    return cached_query_losses(cache, manifest, compute)
+
+
+def ground_truth(
+    runs: list[list[RunPaths]], queries: ImageDataset, settings: LDSSettings, device: CollectionDevice
+) -> np.ndarray:
+    """subsets x queries: each subset's loss on each query, averaged over its R models."""
+    losses = np.zeros((len(runs), len(queries)), dtype=np.float64)
+    for k, seeds in enumerate(runs):
+        losses[k] = (
+            torch.stack([model_losses(run, queries, settings, device) for run in seeds]).mean(0).numpy()
+        )
+        log.info("ground truth: subset %d of %d done for %s", k + 1, len(runs), queries.set_name)
+    return losses
+
+
+def method_scores(
+    scores_dir: Path, method: str, query_set: str, queries: ImageDataset, train_set: ImageDataset
+) -> dict[float | None, np.ndarray]:
+    """{lambda: queries x train} of a method, refusing scores made for another training set or query list."""
+    stacked, manifest = load_scores(scores_dir / method / query_set)
+    expected = {
+        "train_set": train_set.set_name,
+        "num_train": len(train_set),
+        "query_set": queries.set_name,
+        "num_queries": len(queries),
+    }
+    differences = {
+        key: (manifest.get(key), value) for key, value in expected.items() if manifest.get(key) != value
+    }
+    if differences:
+        raise ManifestMismatchError(scores_dir / method / query_set, differences)
+    lambdas = manifest["lambdas"]
+    if len(lambdas) == 1 and lambdas[0] == 0.0 and not manifest["method"].get("lambdas"):
+        return {None: np.asarray(stacked[0])}
+    return {float(lam): np.asarray(stacked[i]) for i, lam in enumerate(lambdas)}
+
+
+@dataclass
+class LDSReport:
+    records: list[LDSRecord]
+    differences: list[PairedDifference]
+    curves: dict[str, dict[str, dict[float, float]]]
+    table: str
+
+
+def evaluate(
+    paths: RunPaths,
+    train_set: ImageDataset,
+    query_sets: dict[str, ImageDataset],
+    methods: list[str],
+    pairs: list[tuple[str, str]],
+    settings: LDSSettings,
+    device: CollectionDevice = CollectionDevice(),
+    logger: Any = None,
+) -> LDSReport:
+    """LDS of every method on every query set, with held-out and oracle lambda, CIs and paired differences."""
+    masks, runs = subset_models(paths, settings, len(train_set))
+    # read every score matrix first: a mismatch should stop us before the expensive ground truth
+    scores = {
+        (method, name): method_scores(paths.scores_dir, method, name, queries, train_set)
+        for name, queries in query_sets.items()
+        for method in methods
+    }
+    records: list[LDSRecord] = []
+    differences: list[PairedDifference] = []
+    curves: dict[str, dict[str, dict[float, float]]] = {}
+    for name, queries in query_sets.items():
+        losses = ground_truth(runs, queries, settings, device)  # subsets x queries
+        selection, report = heldout_split(len(queries), seed=settings.bootstrap_seed)
+        chosen: dict[str, np.ndarray] = {}
+        for method in methods:
+            by_lambda = scores[(method, name)]
+            records += evaluate_method(
+                by_lambda, masks, losses, method, name, settings.num_resamples, settings.bootstrap_seed
+            )
+            if None not in by_lambda:
+                curves.setdefault(name, {})[method] = lds_by_lambda(by_lambda, masks, losses)
+            chosen[method] = by_lambda[select_lambda(by_lambda, masks, losses, selection)]
+        for a, b in pairs:
+            if a in chosen and b in chosen:
+                differences.append(
+                    paired_difference(
+                        a,
+                        chosen[a],
+                        b,
+                        chosen[b],
+                        masks,
+                        losses,
+                        name,
+                        settings.num_resamples,
+                        settings.bootstrap_seed,
+                        query_indices=report,
+                    )
+                )
+    table = markdown_table(records, differences)
+    out = paths.lds_dir
+    write_lds_json(
+        out / "lds.json",
+        records,
+        differences,
+        {
+            "num_subsets": settings.num_subsets,
+            "seeds": settings.seeds,
+            "alpha": settings.alpha,
+            "timestep_stride": settings.timestep_stride,
+            "e_seeds": settings.e_seeds,
+            "train_set": train_set.set_name,
+        },
+    )
+    (out / "lds.md").write_text(table + "\n")
+    for name, by_method in curves.items():
+        plot_lds_vs_lambda(by_method, out / f"lds_vs_lambda_{name}.png")
+    _log(logger, records, out, curves)
+    return LDSReport(records, differences, curves, table)
+
+
+def _log(logger: Any, records: list[LDSRecord], out: Path, curves: dict) -> None:
+    from PIL import Image
+
+    from das_lightning.viz import log_images_to_wandb, log_table
+
+    rows = [
+        [r.method, r.query_set, r.lambda_selection, r.lambda_, r.lds, r.ci_low, r.ci_high] for r in records
+    ]
+    log_table(
+        logger, "lds/table", ["method", "query_set", "selection", "lambda", "lds", "ci_low", "ci_high"], rows
+    )
+    for name in curves:
+        with Image.open(out / f"lds_vs_lambda_{name}.png") as plot:
+            log_images_to_wandb(logger, f"lds/lds_vs_lambda/{name}", plot.copy())
+
+
+def records_json(report: LDSReport) -> str:
+    return json.dumps([record.to_json() for record in report.records], indent=2)

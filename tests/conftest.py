@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny settings for every stage, and a helper to run the entry points as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A run small enough for the test suite: 8 px images, 48 training images, a few steps.
+TINY_DATA = ["dataset.image_size=8", "dataset.num_train=48"]
+TINY_TRAIN = [
+    *TINY_DATA,
+    "train.max_steps=12",
+    "train.batch_size=16",
+    "train.optimizer.warmup_steps=2",
+    "generate.num_images=6",
+    "generate.sampler.num_inference_steps=4",
+    "logger=none",
+    "trainer.enable_progress_bar=false",
+]
+TINY_ATTRIBUTE = [
+    *TINY_DATA,
+    "queries.num_val=6",
+    "queries.num_generated=6",
+    "method.features.projector_dim=32",
+    "method.features.num_timesteps=2",
+    "method.features.batch_size=16",
+    "logger=none",
+    "trainer.enable_progress_bar=false",
+]
+
+
+def entry_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    env.pop("DAS_OUTPUT_ROOT", None)
+    return env
+
+
+def run_entry(script: str, *overrides: str, cwd: Path, check: bool = True, timeout: int = 600):
+    """Run train.py / attribute.py / evaluate_lds.py in a subprocess (DDP re-launches need a real command)."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / script), *overrides],
+        cwd=cwd,
+        env=entry_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
+    return result
+
+
+@pytest.fixture(scope="session")
+def trained_root(tmp_path_factory) -> Path:
+    """A tiny full model with generated queries, trained once per session by train.py."""
+    root = tmp_path_factory.mktemp("trained")
+    run_entry("train.py", f"paths.root={root}", *TINY_TRAIN, cwd=root)
+    return root

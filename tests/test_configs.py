@@ -1,0 +1,60 @@
+"""Every config group composes, for every entry point, and the package receives plain values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = {
+    "train": ["dataset", "model", "subset", "trainer", "logger"],
+    "attribute": ["dataset", "model", "method", "trainer", "logger"],
+    "evaluate_lds": ["dataset", "model", "trainer", "logger"],
+}
+
+
+def _choices(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    ("config_name", "group", "choice"),
+    [
+        (name, group, choice)
+        for name, groups in GROUPS.items()
+        for group in groups
+        for choice in _choices(group)
+    ],
+)
+def test_every_group_choice_composes(config_name: str, group: str, choice: str, tmp_path: Path) -> None:
+    overrides = [f"{group}={choice}", f"paths.root={tmp_path}"]
+    if choice == "lds":
+        overrides.append("subset.index=3")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    resolved = OmegaConf.to_container(cfg[group], resolve=False)
+    assert isinstance(resolved, dict) and resolved
+    if choice == "lds":
+        assert cfg.subset.tag == "lds-3"
+
+
+def test_experiment_presets_compose(tmp_path: Path) -> None:
+    for experiment in _choices("experiment"):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(
+                config_name="train",
+                overrides=[f"experiment={experiment}", f"paths.root={tmp_path}", "subset.index=0"],
+            )
+        assert cfg.dataset.name
+
+
+def test_unknown_choice_lists_the_available_ones(tmp_path: Path) -> None:
+    from hydra.errors import MissingConfigException
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        with pytest.raises(MissingConfigException) as error:
+            compose(config_name="train", overrides=["dataset=no_such_set"])
+    assert "fashion2" in str(error.value) and "cifar10" in str(error.value)
