@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import copy
+import importlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
@@ -13,6 +17,29 @@ from typing_extensions import override
 
 from das_lightning.diffusion import NUM_TRAIN_TIMESTEPS, make_scheduler
 from das_lightning.seeding import derive_seed
+
+if TYPE_CHECKING:
+    from das_lightning.data import ImageDataset
+
+# In a trained-model folder: names the function that loads it, for models that are not a plain UNet2DModel
+TRAINED_LOADER_FILE = "das_loader.json"
+
+
+def write_trained_loader(folder: Path, loader: str) -> None:
+    """Record in a trained-model folder which function (``"package.module:function"``) loads it back."""
+    (Path(folder) / TRAINED_LOADER_FILE).write_text(json.dumps({"loader": loader}))
+
+
+def load_trained_network(folder: Path) -> torch.nn.Module:
+    """The network saved by :meth:`DiffusionModule.save_trained` in ``folder``: a diffusers ``UNet2DModel``
+    unless the folder names its own loader (e.g. a LoRA run: pretrained pipeline + adapters)."""
+    marker = Path(folder) / TRAINED_LOADER_FILE
+    if marker.exists():
+        module_name, function_name = json.loads(marker.read_text())["loader"].split(":")
+        return getattr(importlib.import_module(module_name), function_name)(folder)
+    from diffusers import UNet2DModel
+
+    return UNet2DModel.from_pretrained(str(folder), use_safetensors=True)
 
 
 @dataclass
@@ -81,6 +108,10 @@ class DiffusionModule(L.LightningModule):
         return torch.nn.functional.mse_loss(predicted.float(), noise.float())
 
     @override
+    def on_train_start(self) -> None:
+        self.unet.train()  # dropout on while training, whatever mode the network arrived in
+
+    @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_loss(batch)
         if not torch.isfinite(loss):
@@ -103,7 +134,7 @@ class DiffusionModule(L.LightningModule):
     def configure_optimizers(self):
         settings = self.optimizer_settings
         optimizer = torch.optim.AdamW(
-            self.unet.parameters(),
+            self.trainable_parameters(),
             lr=settings.lr,
             betas=tuple(settings.betas),
             weight_decay=settings.weight_decay,
@@ -114,6 +145,14 @@ class DiffusionModule(L.LightningModule):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """What the optimizer updates (all UNet weights here; LoRA adapters only for the LoRA model)."""
         return [parameter for parameter in self.unet.parameters() if parameter.requires_grad]
+
+    def prepare_training_set(self, dataset: ImageDataset) -> ImageDataset:
+        """Hook, called once before training: the set to train on, derived from ``dataset`` (same indices).
+
+        Pixel DDPM trains on ``dataset`` itself; a latent model returns its cached latents, a text-conditioned
+        model reads the class names it builds prompts from.
+        """
+        return dataset
 
     def save_trained(self, folder: str) -> None:
         """Write the weights users load (diffusers format, safetensors)."""
