@@ -35,7 +35,11 @@ def load_trained_network(folder: Path) -> torch.nn.Module:
     unless the folder names its own loader (e.g. a LoRA run: pretrained pipeline + adapters)."""
     marker = Path(folder) / TRAINED_LOADER_FILE
     if marker.exists():
-        module_name, function_name = json.loads(marker.read_text())["loader"].split(":")
+        loader = json.loads(marker.read_text())["loader"]
+        module_name, function_name = loader.split(":")
+        # only our own loaders: a folder from elsewhere must not be able to name any importable function
+        if not module_name.startswith("das_lightning.") or function_name.startswith("_"):
+            raise ValueError(f"{marker} names loader {loader!r}; only das_lightning loaders are allowed")
         return getattr(importlib.import_module(module_name), function_name)(folder)
     from diffusers import UNet2DModel
 
@@ -101,7 +105,9 @@ class DiffusionModule(L.LightningModule):
         batch_size = images.shape[0]
         # drawn on the CPU so a run is reproducible on any device
         noise = torch.randn(images.shape, generator=generator).to(images)
-        timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch_size,), generator=generator).to(images.device)
+        timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch_size,), generator=generator).to(
+            images.device
+        )
         abar = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1).to(images.dtype)
         noisy = abar.sqrt() * images + (1 - abar).sqrt() * noise
         predicted = self.unet(noisy, timesteps, **unet_kwargs).sample

@@ -1,0 +1,192 @@
+"""Latent diffusion: a frozen VAE (``AutoencoderKL``) maps images to latents once, and a UNet is trained on them.
+
+The latents of a dataset are encoded once and cached on disk beside a manifest naming the VAE (its class, config
+and a hash of its weights): features, LDS ground truth and every subset model read the same latents, and a cache
+made by another VAE is refused instead of silently mixed in.
+
+Latents are the posterior MEAN times the VAE's scaling factor, not a posterior sample: a feature or a ground-truth
+loss must be a function of the image alone, and the Stable Diffusion VAE's posterior is so narrow that the mean is
+what a sample would be up to noise far below the diffusion noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from das_lightning.data import ImageDataset
+from das_lightning.data.base import Sample
+from das_lightning.manifest import check_or_write_manifest, hash_array
+from das_lightning.models.ddpm import DiffusionModule, OptimizerSettings
+
+log = logging.getLogger(__name__)
+
+LATENTS_FILE = "latents.safetensors"
+
+
+def _scaling_factor(vae: torch.nn.Module) -> float:
+    return float(getattr(vae.config, "scaling_factor", 1.0))
+
+
+@torch.no_grad()
+def encode_latents(vae: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Scaled posterior-mean latents of images in [-1, 1] (B, C, H, W), in the VAE's dtype, without gradients."""
+    parameter = next(vae.parameters())
+    posterior = vae.encode(images.to(device=parameter.device, dtype=parameter.dtype)).latent_dist
+    return posterior.mean * _scaling_factor(vae)
+
+
+@torch.no_grad()
+def decode_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (float32) from scaled latents."""
+    parameter = next(vae.parameters())
+    images = vae.decode(
+        latents.to(device=parameter.device, dtype=parameter.dtype) / _scaling_factor(vae)
+    ).sample
+    return images.float().clamp(-1.0, 1.0)
+
+
+def vae_identity(vae: torch.nn.Module) -> dict[str, Any]:
+    """What makes one VAE's latents differ from another's: class, config and a hash of the weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    config = {key: value for key, value in dict(vae.config).items() if not key.startswith("_")}
+    return {"class": type(vae).__name__, "config": config, "weights_sha256": digest.hexdigest()[:32]}
+
+
+class LatentDataset(ImageDataset):
+    """Cached latents standing in for the images of another dataset: ``sample["image"]`` is a latent (C, h, w).
+
+    It keeps the source's ``set_name`` and indices: latent i is image i, so the noise rule gives it the same
+    identity in features and in the LDS ground truth (both on latents).
+    """
+
+    def __init__(self, set_name: str, latents: torch.Tensor, labels: np.ndarray, class_names: list[str]):
+        if latents.shape[-1] != latents.shape[-2]:
+            raise ValueError(f"latents must be square, got {tuple(latents.shape)}")
+        super().__init__(
+            set_name, labels, class_names, channels=latents.shape[1], image_size=latents.shape[-1]
+        )
+        self.latents = latents.float()
+
+    @override
+    def __getitem__(self, index: int) -> Sample:
+        index = int(index)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {self.set_name} of {len(self)} latents")
+        index %= len(self)
+        return {"index": index, "image": self.latents[index], "label": int(self.labels[index])}
+
+    @override
+    def take(self, indices: np.ndarray, set_name: str) -> LatentDataset:
+        indices = np.asarray(indices, dtype=np.int64)
+        return LatentDataset(
+            set_name, self.latents[torch.from_numpy(indices)], self.labels[indices], self.class_names
+        )
+
+
+def cached_latents(
+    vae: torch.nn.Module,
+    dataset: ImageDataset,
+    folder: Path,
+    batch_size: int = 32,
+    num_workers: int = 0,
+) -> LatentDataset:
+    """The latents of every image of ``dataset``: read from ``folder`` when cached, else encoded once and saved.
+
+    Raises:
+        ManifestMismatchError: ``folder`` holds latents of another VAE or another image set.
+    """
+    folder = Path(folder)
+    manifest = {
+        "vae": vae_identity(vae),
+        "set_name": dataset.set_name,
+        "num_images": len(dataset),
+        "labels_hash": hash_array(dataset.labels),
+        "image_size": dataset.image_size,
+        "latent": "posterior mean x scaling_factor",
+    }
+    check_or_write_manifest(folder, manifest)
+    target = folder / LATENTS_FILE
+    if target.exists():
+        latents = load_file(str(target))["latents"]
+    else:
+        log.info("encoding %d images of %s into %s", len(dataset), dataset.set_name, folder)
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        was_training = vae.training
+        vae.eval()
+        try:
+            latents = torch.cat([encode_latents(vae, batch["image"]).float().cpu() for batch in loader])
+        finally:
+            vae.train(was_training)
+        partial = folder / f"{LATENTS_FILE}.tmp"
+        save_file({"latents": latents.contiguous()}, str(partial))
+        partial.replace(target)  # a reader never sees half a cache
+    return LatentDataset(dataset.set_name, latents, dataset.labels, list(dataset.class_names))
+
+
+def load_vae(pretrained: str, subfolder: str | None = "vae") -> torch.nn.Module:
+    """A frozen ``AutoencoderKL`` from a local folder or a cached hub id (offline; clear error when absent)."""
+    from diffusers import AutoencoderKL
+
+    from das_lightning.models.sd_lora import load_pretrained_component
+
+    return load_pretrained_component(AutoencoderKL, pretrained, subfolder).requires_grad_(False).eval()
+
+
+class LatentDiffusionModule(DiffusionModule):
+    """L_simple training of a ``UNet2DModel`` on cached VAE latents (class-conditional when the UNet has
+    ``num_class_embeds``: the label goes in as ``class_labels``).
+
+    Args:
+        unet, optimizer, seed: as for :class:`DiffusionModule`; the UNet's ``in_channels`` and ``sample_size``
+            are the latent's (4 and image_size / 8 for the Stable Diffusion VAE).
+        vae_pretrained, vae_subfolder: where the frozen VAE comes from (a pipeline folder with ``vae/``, or a
+            standalone VAE with ``vae_subfolder=None``).
+        latent_cache_dir: where the training set's latents are cached (shared by every run using this VAE).
+        encode_batch_size: images per VAE call while filling the cache.
+
+    Horizontal flips (``train.random_flip``) then mirror latents, which approximates the latent of the mirrored
+    image; turn them off to train on exact latents.
+    """
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        optimizer: OptimizerSettings,
+        seed: int = 0,
+        *,
+        vae_pretrained: str,
+        latent_cache_dir: str,
+        vae_subfolder: str | None = "vae",
+        encode_batch_size: int = 32,
+    ):
+        super().__init__(unet, optimizer, seed)
+        self.vae_pretrained = vae_pretrained
+        self.vae_subfolder = vae_subfolder
+        self.latent_cache_dir = Path(latent_cache_dir)
+        self.encode_batch_size = encode_batch_size
+
+    @override
+    def prepare_training_set(self, dataset: ImageDataset) -> ImageDataset:
+        """The cached latents of ``dataset`` (encoded now when the cache is empty)."""
+        vae = load_vae(self.vae_pretrained, self.vae_subfolder)
+        if torch.cuda.is_available():
+            vae = vae.to("cuda")
+        return cached_latents(vae, dataset, self.latent_cache_dir, self.encode_batch_size)
+
+    @override
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if getattr(self.unet.config, "num_class_embeds", None):
+            return batch["image"], {"class_labels": batch["label"]}
+        return batch["image"], {}
