@@ -253,3 +253,46 @@ def run_counterfactual(cfg: DictConfig) -> None:
         f"counterfactual ({result.method}): median pixel L2 after removing top proponents "
         f"{result.median_l2_top:.3f} vs random removal {result.median_l2_random:.3f}"
     )
+
+
+def run_train(cfg: DictConfig) -> RunPaths:
+    """train.py: train (or resume, or reuse) one model and generate its queries."""
+    import hydra
+
+    from das_lightning.training import train_model
+
+    subset = subset_settings(cfg)
+    subset.validate()  # refuse a bad subset before loading anything
+    paths = train_model(
+        paths=run_paths(cfg),
+        unet_factory=lambda: hydra.utils.instantiate(cfg.model.unet),
+        train_set=dataset_from_config(cfg, split="train"),
+        subset=subset,
+        seed=int(cfg.seed),
+        train=train_settings(cfg),
+        trainer_settings=trainer_settings(cfg),
+        logger_settings=logger_settings(cfg),
+        generation=generation_settings(cfg, enabled=subset.kind == "full"),
+        config=to_plain(cfg),
+        resume_from=cfg.resume_from,
+    )
+    print(f"model: {paths.unet_dir}")
+    return paths
+
+
+def run_attribute(cfg: DictConfig):
+    """attribute.py: features, then scores of one method for every query set."""
+    from das_lightning.attribution.pipeline import attribute
+
+    method = method_settings(cfg)
+    paths = run_paths(cfg)
+    inputs = attribution_inputs(cfg, paths, method)
+    logger = make_logger(cfg, paths.scores_dir, name=f"attribute/{method.name}")
+    try:
+        result = attribute(inputs, method, collection_device(cfg), logger)
+    finally:
+        close_logger(logger)
+    print(f"method {result.method}: lambda for pictures {result.picture_lambda:g}")
+    for query_set, folder in result.folders.items():
+        print(f"  {query_set}: {folder}/scores.npy, topk.json, grid.png")
+    return result

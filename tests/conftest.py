@@ -65,3 +65,12 @@ def trained_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("trained")
     run_entry("train.py", f"paths.root={root}", *TINY_TRAIN, cwd=root)
     return root
+
+
+def compose(config_name: str, overrides: list[str]):
+    """The config an entry point would see for these overrides (to call das_lightning.cli in-process)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides)

@@ -313,10 +313,6 @@ def test_artbench2_lds_experiment_composes_to_a_lora_run(pipeline_folder: Path, 
     assert type(instantiate(cfg.model.unet)).__name__ == "UNet2DConditionModel"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="conf/train.yaml lists _self_ after experiment, so its own train.* keys win over an experiment's",
-)
 def test_artbench2_lds_experiment_sets_the_paper_lora_recipe(pipeline_folder: Path, tmp_path: Path) -> None:
     cfg = _compose_experiment(pipeline_folder, tmp_path)
     assert (cfg.train.optimizer.lr, cfg.train.max_steps, cfg.generate.num_images) == (3e-4, 4000, 0)

@@ -1,0 +1,188 @@
+"""attribute.py end to end on a tiny trained model: stores, scores, resumption, DDP, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, TINY_ATTRIBUTE, compose, entry_env, run_entry
+from das_lightning import cli
+from das_lightning.attribution.pipeline import load_scores
+
+RUN = Path("fashion2") / "tiny" / "full" / "seed0"
+
+
+def _copy_model(trained_root: Path, target: Path) -> Path:
+    """A fresh copy of the trained model (no features or scores), so each test starts from the same state."""
+    for part in ("unet", "queries"):
+        shutil.copytree(trained_root / RUN / part, target / RUN / part)
+    for name in ("manifest.json", "subset.json", "config.json"):
+        shutil.copy(trained_root / RUN / name, target / RUN / name)
+    return target
+
+
+def _tiny(method: str | None = None) -> list[str]:
+    """The tiny attribution settings; similarity baselines have no gradient features to shrink."""
+    if method in ("pixel", "clip"):
+        return [o for o in TINY_ATTRIBUTE if not o.startswith("method.features")]
+    return list(TINY_ATTRIBUTE)
+
+
+def _attribute(root: Path, *overrides: str):
+    method = next((o.split("=", 1)[1] for o in overrides if o.startswith("method=")), None)
+    return cli.run_attribute(compose("attribute", [f"paths.root={root}", *_tiny(method), *overrides]))
+
+
+@pytest.fixture(scope="module")
+def das_root(trained_root: Path, tmp_path_factory) -> Path:
+    root = _copy_model(trained_root, tmp_path_factory.mktemp("das"))
+    _attribute(root)
+    return root
+
+
+def test_das_writes_complete_stores_scores_and_grids(das_root: Path) -> None:
+    features = das_root / RUN / "features" / "das"
+    for name, rows in (("train", 48), ("val", 6), ("generated", 6)):
+        manifest = json.loads((features / name / "manifest.json").read_text())
+        assert manifest["num_rows"] == rows and manifest["dim"] == 32
+        assert np.load(features / name / "done.npy").all()
+        assert np.abs(np.load(features / name / "features.npy")).sum(axis=1).min() > 0
+    for query_set in ("val", "generated"):
+        scores, manifest = load_scores(das_root / RUN / "scores" / "das" / query_set)
+        assert scores.shape == (len(manifest["lambdas"]), 6, 48) and np.isfinite(scores).all()
+        assert (scores >= 0).all()  # DAS squares
+        top = json.loads((das_root / RUN / "scores" / "das" / query_set / "topk.json").read_text())
+        assert len(top["proponent_indices"]) == 6 and len(top["proponent_indices"][0]) == 8
+        assert (das_root / RUN / "scores" / "das" / query_set / "grid.png").stat().st_size > 0
+
+
+def test_features_do_not_depend_on_batch_size(das_root: Path, tmp_path: Path) -> None:
+    root = _copy_model(das_root, tmp_path)
+    _attribute(root, "method.features.batch_size=5")
+    for name in ("train", "val"):
+        np.testing.assert_allclose(
+            np.load(root / RUN / "features" / "das" / name / "features.npy"),
+            np.load(das_root / RUN / "features" / "das" / name / "features.npy"),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+
+
+def test_changed_projector_seed_is_refused_with_the_key_named(das_root: Path) -> None:
+    result = run_entry(
+        "attribute.py",
+        f"paths.root={das_root}",
+        *TINY_ATTRIBUTE,
+        "method.features.projector_seed=1",
+        cwd=das_root,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "projector" in result.stderr and "different settings" in result.stderr
+
+
+def test_two_process_ddp_features_equal_one_process(das_root: Path, tmp_path: Path) -> None:
+    root = _copy_model(das_root, tmp_path)
+    run_entry(
+        "attribute.py",
+        f"paths.root={root}",
+        *TINY_ATTRIBUTE,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "queries.sets=[val]",
+        cwd=root,
+    )
+    for name in ("train", "val"):
+        np.testing.assert_allclose(
+            np.load(root / RUN / "features" / "das" / name / "features.npy"),
+            np.load(das_root / RUN / "features" / "das" / name / "features.npy"),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+
+
+def test_killed_run_resumes_to_the_same_features(das_root: Path, tmp_path: Path) -> None:
+    root = _copy_model(das_root, tmp_path)
+    command = [
+        sys.executable,
+        str(REPO / "attribute.py"),
+        f"paths.root={root}",
+        *TINY_ATTRIBUTE,
+        "method.features.batch_size=2",
+        "queries.sets=[val]",
+    ]
+    done_file = root / RUN / "features" / "das" / "train" / "done.npy"
+    process = subprocess.Popen(
+        command, cwd=root, env=entry_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            if done_file.exists() and 4 <= int(np.load(done_file).sum()) < 40:
+                break
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    finished_before_resume = int(np.load(done_file).sum())
+    assert 4 <= finished_before_resume < 48, finished_before_resume
+    run_entry("attribute.py", *command[2:], cwd=root)
+    np.testing.assert_allclose(
+        np.load(root / RUN / "features" / "das" / "train" / "features.npy"),
+        np.load(das_root / RUN / "features" / "das" / "train" / "features.npy"),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize(
+    "method", ["dtrak", "trak", "relatif", "renorm", "grad_cos", "pixel", "das_plain", "journey_trak"]
+)
+def test_every_method_writes_finite_scores(das_root: Path, method: str) -> None:
+    sets = (
+        ["queries.sets=[generated]"] if method == "journey_trak" else []
+    )  # journeys exist for generated images
+    result = _attribute(das_root, f"method={method}", *sets)
+    for query_set, folder in result.folders.items():
+        scores, manifest = load_scores(folder)
+        assert np.isfinite(scores).all() and scores.shape[1:] == (6, 48)
+        assert manifest["train_set"] == "fashion2:train:n48"
+        assert np.ptp(scores) > 0, f"{method} gives constant scores on {query_set}"
+
+
+def test_tracin_uses_the_training_snapshots(tmp_path: Path) -> None:
+    from conftest import TINY_TRAIN
+
+    run_entry(
+        "train.py", f"paths.root={tmp_path}", *TINY_TRAIN, "train.snapshot_every_n_steps=4", cwd=tmp_path
+    )
+    snapshots = sorted((tmp_path / RUN / "snapshots").iterdir())
+    assert [s.name for s in snapshots] == ["step0000004", "step0000008", "step0000012"]
+    result = _attribute(tmp_path, "method=tracin", "queries.sets=[val]")
+    scores, _ = load_scores(result.folders["val"])
+    assert np.isfinite(scores).all() and np.ptp(scores) > 0
+
+
+def test_clip_without_local_weights_fails_clearly_and_writes_nothing(das_root: Path) -> None:
+    result = run_entry(
+        "attribute.py",
+        f"paths.root={das_root}",
+        *_tiny("clip"),
+        "method=clip",
+        "method.clip_model=no-such-org/no-such-clip",
+        cwd=das_root,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "huggingface-cli download" in result.stderr and "Traceback" not in result.stderr
+    assert not (das_root / RUN / "scores" / "clip").exists()
