@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_ATTRIBUTE, compose, entry_env, run_entry
 from das_lightning import cli
 from das_lightning.attribution.pipeline import load_scores
+
+from conftest import REPO, TINY_ATTRIBUTE, compose, entry_env, run_entry
 
 RUN = Path("fashion2") / "tiny" / "full" / "seed0"
 

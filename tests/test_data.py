@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from data_fixtures import write_celeba, write_cifar_batch, write_idx, write_idx_split, write_image
 
 from das_lightning.data import (
     DATASETS,
@@ -25,6 +24,8 @@ from das_lightning.data import (
 )
 from das_lightning.data.formats import RemoteFile, download_verified, read_cifar_binary, read_idx
 from das_lightning.data.subsets import class_quotas
+
+from data_fixtures import write_celeba, write_cifar_batch, write_idx, write_idx_split, write_image
 
 
 def uint8_images(rng: np.random.Generator, *shape: int) -> np.ndarray:

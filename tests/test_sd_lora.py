@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sd_fixtures import IMAGE_SIZE, build_tiny_sd_pipeline, write_style_folders
 
 from das_lightning.attribution.features import FeatureSettings, collect_features
 from das_lightning.attribution.grads import PerSampleGradients, reference_flat_gradients
@@ -41,6 +40,8 @@ from das_lightning.training import (
     load_unet,
     train_model,
 )
+
+from sd_fixtures import IMAGE_SIZE, build_tiny_sd_pipeline, write_style_folders
 
 STYLES = ("post_impressionism", "ukiyo_e")
 PER_CLASS = 8

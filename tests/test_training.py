@@ -9,7 +9,6 @@ import lightning
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_TRAIN, run_entry
 from diffusers import UNet2DModel
 
 from das_lightning.data import build_dataset
@@ -18,6 +17,8 @@ from das_lightning.diffusion import make_scheduler, per_sample_loss, rule_noise
 from das_lightning.models.ddpm import DiffusionModule, OptimizerSettings
 from das_lightning.models.sampling import SamplerSettings, ddim_sample
 from das_lightning.models.unet import build_unet
+
+from conftest import TINY_TRAIN, run_entry
 
 
 def _fixed_loss(unet: torch.nn.Module, images: torch.Tensor) -> float:
