@@ -75,7 +75,7 @@ class DenseProjector(Projector):
         seed: int,
         distribution: str = "rademacher",
         chunk_rows: int = 4096,
-        memory_budget_bytes: int = 2 * GIB,
+        memory_budget_bytes: int = 4 * GIB,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:

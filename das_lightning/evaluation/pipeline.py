@@ -172,8 +172,8 @@ def method_scores(
         raise ManifestMismatchError(scores_dir / method / query_set, differences)
     lambdas = manifest["lambdas"]
     if len(lambdas) == 1 and lambdas[0] == 0.0 and not manifest["method"].get("lambdas"):
-        return {None: np.asarray(stacked[0])}
-    return {float(lam): np.asarray(stacked[i]) for i, lam in enumerate(lambdas)}
+        return {None: np.array(stacked[0])}
+    return {float(lam): np.array(stacked[i]) for i, lam in enumerate(lambdas)}
 
 
 @dataclass

@@ -1,0 +1,131 @@
+"""evaluate_lds.py end to end on tiny models: records, refusals, cached ground truth; and the counterfactual check."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from das_lightning import cli
+from das_lightning.evaluation.pipeline import MissingSubsetModelsError
+from das_lightning.manifest import ManifestMismatchError
+
+from conftest import TINY_ATTRIBUTE, TINY_TRAIN, compose, run_entry
+
+RUN = Path("fashion2") / "tiny" / "full" / "seed0"
+TINY_LDS = [
+    "lds.num_subsets=3",
+    "lds.timestep_stride=250",
+    "lds.e_seeds=[0,1]",
+    "lds.num_resamples=50",
+    "methods=[das,pixel]",
+    "pairs=[[das,pixel]]",
+    "queries.num_val=6",
+    "queries.num_generated=6",
+    "dataset.image_size=8",
+    "dataset.num_train=48",
+    "logger=none",
+    "trainer.enable_progress_bar=false",
+]
+
+
+@pytest.fixture(scope="module")
+def lds_root(trained_root: Path, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("lds")
+    shutil.copytree(trained_root / "fashion2", root / "fashion2")
+    shutil.rmtree(root / RUN / "features", ignore_errors=True)
+    shutil.rmtree(root / RUN / "scores", ignore_errors=True)
+    run_entry(
+        "train.py",
+        "-m",
+        "subset=lds",
+        "subset.index=0,1,2",
+        f"paths.root={root}",
+        *TINY_TRAIN,
+        "train.max_steps=4",
+        cwd=root,
+    )
+    cli.run_attribute(compose("attribute", [f"paths.root={root}", *TINY_ATTRIBUTE]))
+    pixel = [o for o in TINY_ATTRIBUTE if not o.startswith("method.features")]
+    cli.run_attribute(compose("attribute", [f"paths.root={root}", *pixel, "method=pixel"]))
+    return root
+
+
+def _evaluate(root: Path, *overrides: str):
+    return cli.run_lds(compose("evaluate_lds", [f"paths.root={root}", *TINY_LDS, *overrides]))
+
+
+def test_lds_json_has_every_method_set_and_selection(lds_root: Path) -> None:
+    _evaluate(lds_root)
+    document = json.loads((lds_root / "fashion2" / "tiny" / "lds" / "lds.json").read_text())
+    records = document["records"]
+    keys = {(r["method"], r["query_set"], r["lambda_selection"]) for r in records}
+    assert keys == {
+        (m, q, s) for m in ("das", "pixel") for q in ("val", "generated") for s in ("heldout", "oracle")
+    }
+    for record in records:
+        assert record["num_subsets"] == 3
+        if record["lds"] is not None:
+            assert -100 <= record["ci_low"] <= record["lds"] <= record["ci_high"] <= 100
+    das_oracle = [r for r in records if r["method"] == "das" and r["lambda_selection"] == "oracle"]
+    assert all(r["lambda"] is not None for r in das_oracle)
+    differences = document["differences"]
+    assert {(d["a"], d["b"], d["query_set"]) for d in differences} == {
+        ("das", "pixel", "val"),
+        ("das", "pixel", "generated"),
+    }
+    assert (lds_root / "fashion2" / "tiny" / "lds" / "lds.md").read_text().count("das") >= 2
+    assert (lds_root / "fashion2" / "tiny" / "lds" / "lds_vs_lambda_val.png").exists()
+
+
+def test_ground_truth_is_cached_per_model(lds_root: Path) -> None:
+    _evaluate(lds_root)
+    caches = sorted((lds_root / "fashion2" / "tiny" / "lds" / "ground_truth").rglob("losses.safetensors"))
+    assert len(caches) == 3 * 2  # three subset models x two query sets
+    stamps = [path.stat().st_mtime_ns for path in caches]
+    _evaluate(lds_root, "methods=[pixel]", "pairs=[]")
+    assert [path.stat().st_mtime_ns for path in caches] == stamps
+
+
+def test_missing_subset_models_are_named_before_any_work(lds_root: Path) -> None:
+    with pytest.raises(MissingSubsetModelsError) as error:
+        _evaluate(lds_root, "lds.num_subsets=5")
+    message = str(error.value)
+    assert "3 (seed 0)" in message and "4 (seed 0)" in message and "subset.index=3,4" in message
+    assert "1 (seed 0)" not in message
+
+
+def test_scores_for_another_query_list_are_refused(lds_root: Path) -> None:
+    with pytest.raises(ManifestMismatchError, match="num_queries"):
+        _evaluate(lds_root, "queries.num_val=5")
+
+
+def test_missing_models_exit_cleanly_from_the_command_line(lds_root: Path) -> None:
+    result = run_entry(
+        "evaluate_lds.py", f"paths.root={lds_root}", *TINY_LDS, "lds.num_subsets=4", cwd=lds_root, check=False
+    )
+    assert result.returncode == 2 and "subset.index=3" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_counterfactual_retrains_and_measures_distances(lds_root: Path) -> None:
+    cli.run_counterfactual(
+        compose(
+            "evaluate_lds",
+            [
+                f"paths.root={lds_root}",
+                *TINY_LDS,
+                "mode=counterfactual",
+                "counterfactual.num_queries=1",
+                "counterfactual.remove_top=5",
+            ],
+        )
+    )
+    result = json.loads((lds_root / "fashion2" / "tiny" / "lds" / "counterfactual_das.json").read_text())
+    assert len(result["l2_top"]) == 1 and len(result["l2_random"]) == 1
+    assert np.isfinite(result["median_l2_top"]) and result["median_l2_top"] > 0
+    kept = json.loads((lds_root / "fashion2" / "tiny" / "cf-das-q0" / "seed0" / "subset.json").read_text())
+    top = json.loads((lds_root / RUN / "scores" / "das" / "generated" / "topk.json").read_text())
+    assert kept["size"] == 43 and not set(top["proponent_indices"][0][:5]) & set(kept["indices"])
