@@ -106,6 +106,9 @@ def method_settings(cfg: DictConfig):
 
     method = to_plain(cfg.method)
     features = method.pop("features", None)
+    if features and features.get("param_pattern") is None:
+        # the model says which weights its features differentiate (LoRA: the adapters only)
+        features["param_pattern"] = cfg.model.get("param_pattern")
     return MethodSettings(**method, features=FeatureSettings(**features) if features else None)
 
 
@@ -128,16 +131,39 @@ def query_settings(cfg: DictConfig):
     return QuerySettings(**to_plain(cfg.queries))
 
 
+def model_adapter(cfg: DictConfig):
+    """How the measuring stages load and feed this model (``model.adapter``; default: pixel DDPM)."""
+    import hydra
+
+    from das_lightning.models.adapters import ModelAdapter
+
+    node = cfg.model.get("adapter")
+    return hydra.utils.instantiate(node, _convert_="all") if node is not None else ModelAdapter()
+
+
+def module_settings(model_cfg: DictConfig) -> dict[str, Any]:
+    """``train_model``'s module_class / module_kwargs from a model config (absent: the pixel DDPM module)."""
+    import hydra
+
+    if model_cfg.get("module_class") is None:
+        return {}
+    return {
+        "module_class": hydra.utils.get_class(str(model_cfg.module_class)),
+        "module_kwargs": to_plain(model_cfg.module_kwargs) if model_cfg.get("module_kwargs") else {},
+    }
+
+
 def attribution_inputs(cfg: DictConfig, paths: RunPaths, method):
     """The full model, its training set and its query sets, as the attribute stage needs them."""
     import json
 
     from das_lightning.attribution.pipeline import AttributionInputs
-    from das_lightning.diffusion import make_scheduler
     from das_lightning.queries import build_query_sets
-    from das_lightning.training import load_unet
+    from das_lightning.training import require_finished
 
-    unet = load_unet(paths)
+    require_finished(paths)
+    model = model_adapter(cfg).load(paths.unet_dir, paths.experiment_dir / "latents")
+    unet = model.network
     train_set = dataset_from_config(cfg, split="train")
     require_trained_on(paths, train_set)
     query_sets = build_query_sets(query_settings(cfg), dataset_from_config(cfg, split="test"), paths)
@@ -155,14 +181,16 @@ def attribution_inputs(cfg: DictConfig, paths: RunPaths, method):
         )
     return AttributionInputs(
         unet=unet,
-        alphas_cumprod=make_scheduler().alphas_cumprod,
-        checkpoint_file=paths.unet_dir / "diffusion_pytorch_model.safetensors",
+        alphas_cumprod=model.alphas_cumprod,
+        checkpoint_file=model.weights_file,
         train_set=train_set,
         query_sets=query_sets,
         features_dir=paths.features_dir,
         scores_dir=paths.scores_dir,
         snapshots=snapshots,
         journey=journey,
+        extra_inputs=model.extra_inputs,
+        encode=model.encode,
     )
 
 
@@ -210,6 +238,7 @@ def run_lds(cfg: DictConfig) -> None:
             LDSSettings(**to_plain(cfg.lds)),
             collection_device(cfg),
             logger,
+            adapter=model_adapter(cfg),
         )
     finally:
         close_logger(logger)
@@ -246,6 +275,7 @@ def run_counterfactual(cfg: DictConfig) -> None:
             logger_settings=logger_settings(cfg),
             generation=generation_settings(recipe, enabled=False),
             config=to_plain(recipe),
+            **module_settings(recipe.model),
         )
 
     result = counterfactual(paths, train_set, CounterfactualSettings(**to_plain(cfg.counterfactual)), retrain)
@@ -275,6 +305,7 @@ def run_train(cfg: DictConfig) -> RunPaths:
         generation=generation_settings(cfg, enabled=subset.kind == "full"),
         config=to_plain(cfg),
         resume_from=cfg.resume_from,
+        **module_settings(cfg.model),
     )
     print(f"model: {paths.unet_dir}")
     return paths

@@ -162,6 +162,11 @@ def train_model(
     ``unet_factory`` is called after seeding, so the initial weights are a function of the run's training seed.
     """
     indices = subset_indices(train_set, subset)  # validates the subset before any work
+    if generation.num_images > 0 and not module_class.generates_queries:
+        raise ValueError(
+            f"{module_class.__name__} cannot generate query images (DDIM sampling here is for unconditioned "
+            "pixel-space UNets): set generate.num_images=0 and attribute validation queries (queries.sets=[val])"
+        )
     run_dir = paths.run_dir
     seed_for_run = training_seed(subset.seed_tag or paths.tag, seed)
     L.seed_everything(seed_for_run, workers=True, verbose=False)
@@ -296,13 +301,18 @@ def _fit(
         finish_logger(logger)
 
 
-def load_unet(paths: RunPaths) -> torch.nn.Module:
-    """The trained UNet of a run (safetensors); a clear error naming the folder when it is not there."""
+def require_finished(paths: RunPaths) -> None:
+    """A clear error naming the folder when the run has no finished model."""
     if not (paths.unet_dir / DONE_MARKER).exists():
         raise FileNotFoundError(
             f"no finished model at {paths.unet_dir}: train it first with "
             f"`python train.py` (same dataset/model/subset/seed settings)"
         )
+
+
+def load_unet(paths: RunPaths) -> torch.nn.Module:
+    """The trained UNet of a run (safetensors); a clear error naming the folder when it is not there."""
+    require_finished(paths)
     return load_trained_network(paths.unet_dir)
 
 

@@ -187,3 +187,21 @@ def test_clip_without_local_weights_fails_clearly_and_writes_nothing(das_root: P
     assert result.returncode == 2
     assert "huggingface-cli download" in result.stderr and "Traceback" not in result.stderr
     assert not (das_root / RUN / "scores" / "clip").exists()
+
+
+def test_candidate_screening_scores_only_the_nearest_images(das_root: Path) -> None:
+    result = _attribute(
+        das_root,
+        "method=dtrak",
+        "method.name=dtrak_screened",
+        "method.screen_by=pixel",
+        "method.screen_top=5",
+        "queries.sets=[val]",
+    )
+    screened, _ = load_scores(result.folders["val"])
+    full, _ = load_scores(_attribute(das_root, "method=dtrak", "queries.sets=[val]").folders["val"])
+    nonzero = screened != 0
+    assert (nonzero.sum(axis=-1) <= 5).all() and nonzero.any()
+    np.testing.assert_allclose(
+        screened[nonzero], full[nonzero], rtol=1e-5
+    )  # kept candidates keep their scores

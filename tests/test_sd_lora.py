@@ -5,23 +5,31 @@ latent cache refuses latents of another VAE."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from das_lightning import cli
 from das_lightning.attribution.features import FeatureSettings, collect_features
 from das_lightning.attribution.grads import PerSampleGradients, reference_flat_gradients
+from das_lightning.attribution.pipeline import load_scores
 from das_lightning.attribution.scores import das_scores
 from das_lightning.data import build_dataset
 from das_lightning.diffusion import per_sample_loss, rule_noise
+from das_lightning.evaluation.ground_truth import query_losses
 from das_lightning.loggers import LoggerSettings
-from das_lightning.manifest import ManifestMismatchError
+from das_lightning.manifest import ManifestMismatchError, hash_file
+from das_lightning.models.adapters import dataset_extra
 from das_lightning.models.ddpm import OptimizerSettings
 from das_lightning.models.latent import LatentDiffusionModule, cached_latents, load_vae
 from das_lightning.models.sd_lora import (
     LORA_PARAMETER_PATTERN,
+    LORA_WEIGHTS_NAME,
+    LoRAAdapter,
     PretrainedModelNotFoundError,
     StableDiffusionLoRAModule,
     TextConditioning,
@@ -32,6 +40,7 @@ from das_lightning.models.sd_lora import (
 )
 from das_lightning.models.unet import build_unet
 from das_lightning.paths import RunPaths
+from das_lightning.queries import validation_queries
 from das_lightning.training import (
     GenerationSettings,
     SubsetSettings,
@@ -41,6 +50,7 @@ from das_lightning.training import (
     train_model,
 )
 
+from conftest import compose
 from sd_fixtures import IMAGE_SIZE, build_tiny_sd_pipeline, write_style_folders
 
 STYLES = ("post_impressionism", "ukiyo_e")
@@ -135,9 +145,7 @@ def test_lora_training_lowers_loss_and_changes_only_lora_weights(
     assert unchanged_lora == []
     assert trained.class_names == list(STYLES)
 
-    subset = np.asarray(
-        __import__("json").loads(trained_lora.subset_path.read_text())["indices"], dtype=np.int64
-    )
+    subset = np.asarray(json.loads(trained_lora.subset_path.read_text())["indices"], dtype=np.int64)
     latents = cached_latents(base.vae, _train_set(artbench_root), tmp_path / "latents")
     conditioning = trained.text_conditioning()
     rows = torch.from_numpy(subset)
@@ -296,6 +304,7 @@ def _compose_experiment(pipeline_folder: Path, tmp_path: Path):
                 "experiment=artbench2_lds",
                 f"dataset.root={tmp_path}",
                 f"model.pretrained={pipeline_folder}",
+                "subset=lds",
                 "subset.index=3",
                 f"paths.root={tmp_path / 'outputs'}",
             ],
@@ -317,3 +326,157 @@ def test_artbench2_lds_experiment_composes_to_a_lora_run(pipeline_folder: Path, 
 def test_artbench2_lds_experiment_sets_the_paper_lora_recipe(pipeline_folder: Path, tmp_path: Path) -> None:
     cfg = _compose_experiment(pipeline_folder, tmp_path)
     assert (cfg.train.optimizer.lr, cfg.train.max_steps, cfg.generate.num_images) == (3e-4, 4000, 0)
+
+
+def test_lora_models_refuse_to_generate_queries(
+    pipeline_folder: Path, artbench_root: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match=r"generate\.num_images=0"):
+        train_model(
+            paths=RunPaths(tmp_path, "artbench2", "sd_lora", "full", 0),
+            unet_factory=lambda: load_pretrained_unet(str(pipeline_folder)),
+            train_set=_train_set(artbench_root),
+            subset=SubsetSettings(),
+            seed=0,
+            train=TrainSettings(batch_size=8, max_steps=1),
+            trainer_settings=TrainerSettings(enable_progress_bar=False),
+            logger_settings=LoggerSettings(kind="none"),
+            generation=GenerationSettings(num_images=2),
+            config={},
+            module_class=StableDiffusionLoRAModule,
+            module_kwargs={"pretrained": str(pipeline_folder), "rank": 4},
+        )
+    assert not (tmp_path / "artbench2").exists()  # refused before anything was written
+
+
+def test_conditioned_ground_truth_pairs_each_query_with_its_own_conditioning(
+    trained_lora: RunPaths, artbench_root: Path, tmp_path: Path
+) -> None:
+    model = LoRAAdapter().load(trained_lora.unet_dir, tmp_path / "latents")
+    latents = model.model_space(_train_set(artbench_root))
+    latents = latents.take(np.array([0, 1, 8, 9, 2, 10]), latents.set_name)  # both classes, interleaved
+    extra = dataset_extra(model.extra_inputs, latents)
+    images, indices = latents.latents, list(range(len(latents)))
+
+    def losses(batch_size: int, conditioning: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        return query_losses(
+            model.network,
+            model.alphas_cumprod,
+            images,
+            indices,
+            latents.set_name,
+            [100, 600],
+            [0],
+            batch_size=batch_size,
+            extra=conditioning,
+        )
+
+    # rows of a batch mix queries of both classes: each must meet its own prompt, whatever the batch size
+    reference = losses(64, extra)
+    torch.testing.assert_close(losses(3, extra), reference, rtol=1e-5, atol=1e-7)
+    swapped = {"encoder_hidden_states": extra["encoder_hidden_states"].flip(0)}
+    assert not torch.allclose(losses(64, swapped), reference)
+
+
+# ---------------------------------------------------------------- the three entry points, in process
+
+
+@pytest.fixture(scope="module")
+def split_artbench_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """train/ and test/ style folders: validation queries need a test split."""
+    root = tmp_path_factory.mktemp("artbench-split")
+    write_style_folders(root / "train", STYLES, per_class=4, seed=0)
+    write_style_folders(root / "test", STYLES, per_class=2, seed=1)
+    return root
+
+
+def _experiment(pipeline_folder: Path, data_root: Path, outputs: Path) -> list[str]:
+    """experiment=artbench2_lds shrunk to the tiny pipeline on a CPU."""
+    return [
+        "experiment=artbench2_lds",
+        f"dataset.root={data_root}",
+        f"dataset.image_size={IMAGE_SIZE}",
+        "dataset.num_train=null",
+        f"model.pretrained={pipeline_folder}",
+        "trainer=cpu",
+        "trainer.precision=32-true",
+        "trainer.enable_progress_bar=false",
+        "logger=none",
+        f"paths.root={outputs}",
+        "queries.num_val=4",
+    ]
+
+
+def test_train_attribute_and_lds_run_end_to_end_on_a_lora_pipeline(
+    pipeline_folder: Path, split_artbench_root: Path, tmp_path: Path
+) -> None:
+    experiment = _experiment(pipeline_folder, split_artbench_root, tmp_path / "outputs")
+    tiny_lora = [
+        "model.module_kwargs.rank=4",
+        "model.module_kwargs.frozen_dtype=float32",
+        "train.batch_size=4",
+        "train.max_steps=1",
+    ]
+    full = cli.run_train(compose("train", [*experiment, *tiny_lora]))
+    for index in (0, 1):
+        cli.run_train(compose("train", [*experiment, *tiny_lora, "subset=lds", f"subset.index={index}"]))
+
+    result = cli.run_attribute(
+        compose(
+            "attribute",
+            [
+                *experiment,
+                "method=das",
+                "method.features.projector_dim=16",
+                "method.features.num_timesteps=2",
+                "method.features.batch_size=8",
+                "method.residual_timesteps=2",
+            ],
+        )
+    )
+    assert list(result.folders) == ["val"]  # the experiment attributes validation queries only
+    scores, manifest = load_scores(result.folders["val"])
+    assert scores.shape == (len(manifest["lambdas"]), 4, 8)
+    assert np.isfinite(scores).all() and (scores >= 0).all()
+    # the features differentiate exactly the adapter weights of the trained model
+    store_manifest = json.loads((full.features_dir / "das" / "train" / "manifest.json").read_text())
+    trained = load_trained_lora(full.unet_dir)
+    lora_size = sum(p.numel() for name, p in trained.parts.unet.named_parameters() if "lora_" in name)
+    assert store_manifest["features"]["param_pattern"] == LORA_PARAMETER_PATTERN
+    assert store_manifest["gradients"]["num_parameters"] == lora_size
+    assert manifest["checkpoint"] == hash_file(full.unet_dir / LORA_WEIGHTS_NAME)
+
+    cli.run_lds(
+        compose(
+            "evaluate_lds",
+            [
+                *experiment,
+                "methods=[das]",
+                "pairs=[]",
+                "lds.num_subsets=2",
+                "lds.timestep_stride=500",
+                "lds.e_seeds=[0]",
+                "lds.num_resamples=20",
+            ],
+        )
+    )
+    records = json.loads((full.lds_dir / "lds.json").read_text())
+    assert "das" in json.dumps(records)
+    # the ground truth of a subset model is its conditioned latent loss on the queries
+    subset = full.sibling("lds-0", 0)
+    cached = next((full.lds_dir / "ground_truth" / "lds-0-seed0").glob("*/losses.safetensors"))
+    model = LoRAAdapter().load(subset.unet_dir, tmp_path / "latents")
+    queries = model.model_space(
+        validation_queries(build_dataset("artbench2", "test", split_artbench_root, IMAGE_SIZE), 4)
+    )
+    direct = query_losses(
+        model.network,
+        model.alphas_cumprod,
+        queries.latents,
+        list(range(4)),
+        queries.set_name,
+        range(0, 1000, 500),
+        [0],
+        extra=dataset_extra(model.extra_inputs, queries),
+    )
+    torch.testing.assert_close(load_file(str(cached))["loss"], direct, rtol=1e-5, atol=1e-7)

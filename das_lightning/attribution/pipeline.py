@@ -31,6 +31,7 @@ from das_lightning.manifest import (
     hash_file,
     write_manifest,
 )
+from das_lightning.models.adapters import Encoder, ExtraInputs, dataset_extra
 from das_lightning.viz import attribution_grid, log_images_to_wandb, log_table
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,14 @@ class AttributionInputs:
     scores_dir: Path
     snapshots: list[tuple[Path, float]] = field(default_factory=list)  # (weights file, lr) for TracIn
     journey: dict[str, list[tuple[int, torch.Tensor]]] = field(default_factory=dict)  # set -> [(t, x0_hat)]
+    # latent / text-conditioned models (see das_lightning.models.adapters): the sets stay images for pictures and
+    # pixel baselines; the network sees encode(set) and extra_inputs(batch)
+    extra_inputs: ExtraInputs | None = None
+    encode: Encoder | None = None
+
+    def model_space(self, dataset: ImageDataset) -> ImageDataset:
+        """``dataset`` as the network sees it (latents for latent models), same set name and indices."""
+        return self.encode(dataset) if self.encode is not None else dataset
 
 
 def _images(dataset: ImageDataset) -> torch.Tensor:
@@ -94,12 +103,13 @@ def _feature_store(
     store = collect_features(
         unet or inputs.unet,
         inputs.alphas_cumprod,
-        dataset,
+        inputs.model_space(dataset),
         hash_file(checkpoint),
         inputs.features_dir / settings.name / key,
         settings,
         device,
         logger,
+        extra_inputs=inputs.extra_inputs,
     )
     return store.require_complete()
 
@@ -124,8 +134,10 @@ def das_residuals(inputs: AttributionInputs, method: MethodSettings, e_seed: int
     """r_i from each training image's per-timestep loss under the shared noise rule (METHOD.md §2)."""
     from das_lightning.evaluation.ground_truth import query_losses
 
-    images = _images(inputs.train_set)
-    indices = list(range(len(inputs.train_set)))
+    train_set = inputs.model_space(inputs.train_set)
+    images = _images(train_set)
+    indices = list(range(len(train_set)))
+    extra = dataset_extra(inputs.extra_inputs, train_set)
     step = max(1, 1000 // method.residual_timesteps)
     device = next(inputs.unet.parameters()).device
     per_timestep = [
@@ -134,11 +146,12 @@ def das_residuals(inputs: AttributionInputs, method: MethodSettings, e_seed: int
             inputs.alphas_cumprod,
             images,
             indices,
-            inputs.train_set.set_name,
+            train_set.set_name,
             [t],
             [e_seed],
             batch_size=512,
             device=device,
+            extra=extra,
         )
         for t in range(0, 1000, step)
     ]

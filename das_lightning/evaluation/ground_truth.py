@@ -46,17 +46,24 @@ def query_losses(
     e_seeds: Sequence[int] = DEFAULT_E_SEEDS,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    extra: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Ground-truth loss of ``unet`` on each query: images (Q, C, H, W) in [-1, 1] -> (Q,) float64.
 
     Every (query, timestep, e_seed) triple is one row of a UNet batch of up to ``batch_size`` rows; the noise of a row
     depends only on (set_name, indices[q], t, e_seed), so the result does not depend on batch size or query order.
+    ``extra`` holds per-query network inputs indexed like ``images`` (e.g. ``encoder_hidden_states`` (Q, L, D)).
     """
     index_list = _as_index_list(indices)
     num_queries = images.shape[0]
     assert len(index_list) == num_queries, f"{len(index_list)} indices for {num_queries} images"
     timestep_list, e_seed_list = [int(t) for t in timesteps], [int(e) for e in e_seeds]
     assert timestep_list and e_seed_list, "need at least one timestep and one e_seed"
+    extra = dict(extra or {})
+    for key, value in extra.items():
+        assert value.shape[0] == num_queries, (
+            f"extra {key!r} has {value.shape[0]} rows for {num_queries} queries"
+        )
     was_training = unet.training
     unet.eval()
     alphas_cumprod = alphas_cumprod.to(device)
@@ -81,7 +88,10 @@ def query_losses(
                     images.shape[1:],
                 )
             clean = images[queries].to(device=device, dtype=torch.float32)
-            losses = per_sample_loss(unet, clean, noise.to(device), steps.to(device), alphas_cumprod)  # (B,)
+            row_extra = {key: value[queries].to(device) for key, value in extra.items()}
+            losses = per_sample_loss(
+                unet, clean, noise.to(device), steps.to(device), alphas_cumprod, **row_extra
+            )  # (B,)
             totals.index_add_(0, queries, losses.double().cpu())
     finally:
         unet.train(was_training)
@@ -90,6 +100,8 @@ def query_losses(
 
 class GroundTruthModule(lightning.LightningModule):
     """Predict-only module: batch {"index": (B,), "image": (B, C, H, W) in [-1, 1], ...} -> {"index", "loss"}.
+
+    ``extra`` holds per-query network inputs for the whole query set, row i for dataset index i (conditioning).
 
     Run it with ``trainer.predict`` over the query set; under DDP write the outputs with
     :class:`LossPredictionWriter` and assemble them with :func:`gather_predictions`.
@@ -103,6 +115,7 @@ class GroundTruthModule(lightning.LightningModule):
         e_seeds: Sequence[int] = DEFAULT_E_SEEDS,
         set_name: str = "val",
         pair_batch_size: int = 256,
+        extra: Mapping[str, torch.Tensor] | None = None,
     ):
         super().__init__()
         self.unet = unet
@@ -111,9 +124,11 @@ class GroundTruthModule(lightning.LightningModule):
         self.e_seeds = [int(e) for e in e_seeds]
         self.set_name = set_name
         self.pair_batch_size = pair_batch_size
+        self.extra = {key: value.detach().cpu() for key, value in (extra or {}).items()}
 
     @override
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        rows = torch.as_tensor(batch["index"]).long().cpu()
         losses = query_losses(
             self.unet,
             self.alphas_cumprod,
@@ -124,8 +139,9 @@ class GroundTruthModule(lightning.LightningModule):
             self.e_seeds,
             batch_size=self.pair_batch_size,
             device=self.device,
+            extra={key: value[rows] for key, value in self.extra.items()},
         )
-        return {"index": torch.as_tensor(batch["index"]).long().cpu(), "loss": losses}
+        return {"index": rows, "loss": losses}
 
 
 class LossPredictionWriter(BasePredictionWriter):

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from das_lightning.attribution.features import CollectionDevice
 from das_lightning.attribution.pipeline import load_scores
 from das_lightning.data import ImageDataset, load_index_record
-from das_lightning.diffusion import NUM_TRAIN_TIMESTEPS, make_scheduler
+from das_lightning.diffusion import NUM_TRAIN_TIMESTEPS
 from das_lightning.evaluation.ground_truth import (
     GroundTruthModule,
     LossPredictionWriter,
@@ -40,8 +40,9 @@ from das_lightning.evaluation.lds import (
     write_lds_json,
 )
 from das_lightning.manifest import ManifestMismatchError, hash_file
+from das_lightning.models.adapters import ModelAdapter, dataset_extra
 from das_lightning.paths import RunPaths, subset_tag
-from das_lightning.training import DONE_MARKER, load_unet
+from das_lightning.training import DONE_MARKER, require_finished
 
 log = logging.getLogger(__name__)
 
@@ -101,24 +102,35 @@ def subset_models(
 
 
 def model_losses(
-    run: RunPaths, queries: ImageDataset, settings: LDSSettings, device: CollectionDevice
+    run: RunPaths,
+    queries: ImageDataset,
+    settings: LDSSettings,
+    device: CollectionDevice,
+    adapter: ModelAdapter | None = None,
 ) -> torch.Tensor:
-    """Ground truth of one subset model on one query set, cached beside the LDS results (predict loop, DDP-ready)."""
-    weights = run.unet_dir / "diffusion_pytorch_model.safetensors"
+    """Ground truth of one subset model on one query set, cached beside the LDS results (predict loop, DDP-ready).
+
+    ``adapter`` says how the model is loaded and fed (default: pixel DDPM); latent models see the queries' latents.
+    """
+    adapter = adapter or ModelAdapter()
+    weights = adapter.weights_file(run.unet_dir)
     manifest = ground_truth_manifest(
         hash_file(weights), queries.set_name, list(range(len(queries))), settings.timesteps, settings.e_seeds
     )
     cache = run.lds_dir / "ground_truth" / f"{run.tag}-seed{run.seed}" / queries.set_name.replace("/", "_")
 
     def compute() -> torch.Tensor:
-        unet = load_unet(run)
+        require_finished(run)
+        model = adapter.load(run.unet_dir, run.experiment_dir / "latents")
+        inputs = model.model_space(queries)  # same set name and indices: same rule noise as the features
         module = GroundTruthModule(
-            unet,
-            make_scheduler().alphas_cumprod,
+            model.network,
+            model.alphas_cumprod,
             settings.timesteps,
             settings.e_seeds,
             queries.set_name,
             settings.pair_batch_size,
+            extra=dataset_extra(model.extra_inputs, inputs),
         )
         with tempfile.TemporaryDirectory(dir=cache.parent) as scratch:
             trainer = lightning.Trainer(
@@ -132,7 +144,7 @@ def model_losses(
                 enable_model_summary=False,
                 callbacks=[LossPredictionWriter(Path(scratch))],
             )
-            loader = DataLoader(queries, batch_size=settings.query_batch_size, shuffle=False)
+            loader = DataLoader(inputs, batch_size=settings.query_batch_size, shuffle=False)
             trainer.predict(module, loader, return_predictions=False)
             trainer.strategy.barrier()
             return gather_predictions(read_prediction_files(Path(scratch)), list(range(len(queries))))
@@ -142,13 +154,19 @@ def model_losses(
 
 
 def ground_truth(
-    runs: list[list[RunPaths]], queries: ImageDataset, settings: LDSSettings, device: CollectionDevice
+    runs: list[list[RunPaths]],
+    queries: ImageDataset,
+    settings: LDSSettings,
+    device: CollectionDevice,
+    adapter: ModelAdapter | None = None,
 ) -> np.ndarray:
     """subsets x queries: each subset's loss on each query, averaged over its R models."""
     losses = np.zeros((len(runs), len(queries)), dtype=np.float64)
     for k, seeds in enumerate(runs):
         losses[k] = (
-            torch.stack([model_losses(run, queries, settings, device) for run in seeds]).mean(0).numpy()
+            torch.stack([model_losses(run, queries, settings, device, adapter) for run in seeds])
+            .mean(0)
+            .numpy()
         )
         log.info("ground truth: subset %d of %d done for %s", k + 1, len(runs), queries.set_name)
     return losses
@@ -193,8 +211,11 @@ def evaluate(
     settings: LDSSettings,
     device: CollectionDevice = CollectionDevice(),
     logger: Any = None,
+    adapter: ModelAdapter | None = None,
 ) -> LDSReport:
-    """LDS of every method on every query set, with held-out and oracle lambda, CIs and paired differences."""
+    """LDS of every method on every query set, with held-out and oracle lambda, CIs and paired differences.
+
+    ``adapter`` (from the model config) loads and feeds the subset models; default: pixel DDPM."""
     masks, runs = subset_models(paths, settings, len(train_set))
     # read every score matrix first: a mismatch should stop us before the expensive ground truth
     scores = {
@@ -206,7 +227,7 @@ def evaluate(
     differences: list[PairedDifference] = []
     curves: dict[str, dict[str, dict[float, float]]] = {}
     for name, queries in query_sets.items():
-        losses = ground_truth(runs, queries, settings, device)  # subsets x queries
+        losses = ground_truth(runs, queries, settings, device, adapter)  # subsets x queries
         selection, report = heldout_split(len(queries), seed=settings.bootstrap_seed)
         chosen: dict[str, np.ndarray] = {}
         for method in methods:

@@ -8,7 +8,7 @@ import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import lightning as L
 import torch
@@ -64,6 +64,9 @@ class DiffusionModule(L.LightningModule):
     Training noise comes from a generator owned by the module (seeded from ``seed`` and the rank, saved in
     checkpoints), not from the noise rule: the noise rule is for measuring, training needs fresh noise.
     """
+
+    # whether DDIM sampling of the saved network gives query images (pixel-space, unconditioned UNet)
+    generates_queries: ClassVar[bool] = True
 
     def __init__(self, unet: torch.nn.Module, optimizer: OptimizerSettings, seed: int = 0):
         super().__init__()

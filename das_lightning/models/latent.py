@@ -24,8 +24,10 @@ from typing_extensions import override
 
 from das_lightning.data import ImageDataset
 from das_lightning.data.base import Sample
+from das_lightning.diffusion import make_scheduler
 from das_lightning.manifest import check_or_write_manifest, hash_array
-from das_lightning.models.ddpm import DiffusionModule, OptimizerSettings
+from das_lightning.models.adapters import MeasuredModel, ModelAdapter, latent_cache_folder
+from das_lightning.models.ddpm import DiffusionModule, OptimizerSettings, load_trained_network
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +146,48 @@ def load_vae(pretrained: str, subfolder: str | None = "vae") -> torch.nn.Module:
     return load_pretrained_component(AutoencoderKL, pretrained, subfolder).requires_grad_(False).eval()
 
 
+class LatentEncoder:
+    """Image set -> its cached latents under ``latents_dir`` (one folder per set, guarded by the VAE's identity)."""
+
+    def __init__(self, vae: torch.nn.Module, latents_dir: Path, batch_size: int = 32):
+        self.vae = vae
+        self.latents_dir = Path(latents_dir)
+        self.batch_size = batch_size
+
+    def __call__(self, dataset: ImageDataset) -> LatentDataset:
+        if isinstance(dataset, LatentDataset):
+            return dataset
+        folder = latent_cache_folder(self.latents_dir, dataset.set_name)
+        return cached_latents(self.vae, dataset, folder, self.batch_size)
+
+
+def class_label_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The label of each sample as the ``class_labels`` input of a class-conditional UNet."""
+    return {"class_labels": torch.as_tensor(batch["label"]).long()}
+
+
+class LatentDiffusionAdapter(ModelAdapter):
+    """Measures a latent model on the VAE latents of each image set (class-conditional when its UNet is)."""
+
+    def __init__(self, vae_pretrained: str, vae_subfolder: str | None = "vae", encode_batch_size: int = 32):
+        self.vae_pretrained = vae_pretrained
+        self.vae_subfolder = vae_subfolder
+        self.encode_batch_size = encode_batch_size
+
+    @override
+    def load(self, unet_dir: Path, latents_dir: Path) -> MeasuredModel:
+        network = load_trained_network(unet_dir)
+        vae = load_vae(self.vae_pretrained, self.vae_subfolder)
+        conditional = bool(getattr(network.config, "num_class_embeds", None))
+        return MeasuredModel(
+            network,
+            make_scheduler().alphas_cumprod,  # LatentDiffusionModule trains under the DDPM schedule
+            self.weights_file(unet_dir),
+            extra_inputs=class_label_inputs if conditional else None,
+            encode=LatentEncoder(vae, latents_dir, self.encode_batch_size),
+        )
+
+
 class LatentDiffusionModule(DiffusionModule):
     """L_simple training of a ``UNet2DModel`` on cached VAE latents (class-conditional when the UNet has
     ``num_class_embeds``: the label goes in as ``class_labels``).
@@ -155,6 +199,8 @@ class LatentDiffusionModule(DiffusionModule):
             standalone VAE with ``vae_subfolder=None``).
         latent_cache_dir: where the training set's latents are cached (shared by every run using this VAE).
         encode_batch_size: images per VAE call while filling the cache.
+
+    It cannot generate queries: :func:`~das_lightning.models.sampling.ddim_sample` would return latents.
 
     Horizontal flips (``train.random_flip``) then mirror latents, which approximates the latent of the mirrored
     image; turn them off to train on exact latents.

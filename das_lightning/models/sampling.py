@@ -52,6 +52,12 @@ def ddim_sample(
     With ``trajectory=True`` also returns the list of (timestep, x_t) visited, for Journey-TRAK.
     """
     config = unet.config
+    if getattr(config, "cross_attention_dim", None) is not None:
+        # a text-conditioned UNet needs prompts and lives in latent space: sample it with its own pipeline
+        raise ValueError(
+            f"ddim_sample generates with unconditioned pixel-space UNets, not a {type(unet).__name__}; "
+            "set generate.num_images=0 and use validation queries"
+        )
     shape = (config.in_channels, config.sample_size, config.sample_size)
     scheduler = DDIMScheduler.from_config(
         make_scheduler().config, clip_sample=settings.clip_sample, timestep_spacing=settings.timestep_spacing

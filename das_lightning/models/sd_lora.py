@@ -18,15 +18,16 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
 from typing_extensions import override
 
 from das_lightning.data import ImageDataset
+from das_lightning.models.adapters import MeasuredModel, ModelAdapter
 from das_lightning.models.ddpm import DiffusionModule, OptimizerSettings, write_trained_loader
-from das_lightning.models.latent import encode_latents
+from das_lightning.models.latent import LatentEncoder, encode_latents
 
 PROMPT_TEMPLATE = "a {style} painting"
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
@@ -201,6 +202,9 @@ class StableDiffusionLoRAModule(DiffusionModule):
         class_names: the class of each label; normally filled from the training set by :meth:`prepare_training_set`.
     """
 
+    # queries are validation images (METHOD.md §4); DDIM sampling here is for unconditioned pixel UNets
+    generates_queries: ClassVar[bool] = False
+
     def __init__(
         self,
         unet: torch.nn.Module,
@@ -361,3 +365,24 @@ def load_trained_lora(folder: str | Path) -> TrainedLoRAModel:
 def load_trained_unet(folder: str | Path) -> torch.nn.Module:
     """The UNet with its trained adapters (the loader ``training.load_unet`` uses for LoRA runs)."""
     return load_trained_lora(folder).parts.unet
+
+
+class LoRAAdapter(ModelAdapter):
+    """Measures a LoRA run: its adapted UNet on the VAE latents of each image set, conditioned on the class
+    prompts, under the pipeline's own schedule; the adapter weights file identifies the model."""
+
+    weights_name = LORA_WEIGHTS_NAME
+
+    def __init__(self, encode_batch_size: int = 32):
+        self.encode_batch_size = encode_batch_size
+
+    @override
+    def load(self, unet_dir: Path, latents_dir: Path) -> MeasuredModel:
+        trained = load_trained_lora(unet_dir)
+        return MeasuredModel(
+            trained.parts.unet,
+            trained.alphas_cumprod.clone(),
+            self.weights_file(unet_dir),
+            extra_inputs=trained.text_conditioning(),
+            encode=LatentEncoder(trained.parts.vae, latents_dir, self.encode_batch_size),
+        )
