@@ -10,6 +10,7 @@ Outputs, under ``<run>/scores/<method>/<query set>/``:
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Callable
@@ -19,16 +20,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
+from safetensors.torch import load_file
 
 from das_lightning.attribution import scores as scoring
 from das_lightning.attribution.features import CollectionDevice, FeatureSettings, collect_features
 from das_lightning.attribution.store import FeatureStore
-from das_lightning.data import ImageDataset
+from das_lightning.data import ImageDataset, TensorImageDataset
 from das_lightning.manifest import (
     atomic_write_text,
-    check_or_write_manifest,
     hash_array,
     hash_file,
+    read_manifest,
     write_manifest,
 )
 from das_lightning.models.adapters import Encoder, ExtraInputs, dataset_extra
@@ -317,8 +320,6 @@ def _tracin_scores(context: _Context, query_set: str) -> dict[float, np.ndarray]
         )
     terms = []
     for weights_file, lr in inputs.snapshots:
-        from safetensors.torch import load_file
-
         unet = _copy_with_weights(inputs.unet, load_file(str(weights_file)))
         settings = FeatureSettings(
             **{**asdict(method.features), "name": f"{method.features.name}-{weights_file.parent.name}"}
@@ -341,8 +342,6 @@ def _tracin_scores(context: _Context, query_set: str) -> dict[float, np.ndarray]
 
 
 def _copy_with_weights(unet: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    import copy
-
     clone = copy.deepcopy(unet)
     clone.load_state_dict(state)
     return clone
@@ -365,8 +364,6 @@ def _journey_scores(context: _Context, query_set: str) -> dict[float, np.ndarray
             }
         )
         dataset = inputs.query_sets[query_set]
-        from das_lightning.data import TensorImageDataset
-
         state = TensorImageDataset(
             f"{dataset.set_name}:journey-t{timestep}",
             ((predicted_clean.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8),
@@ -491,8 +488,6 @@ def _write_scores(
 
 
 def _log_pictures(folder: Path, logger: Any, method: str, query_set: str) -> None:
-    from PIL import Image
-
     with Image.open(folder / "grid.png") as grid:
         log_images_to_wandb(
             logger,
@@ -512,12 +507,7 @@ def _log_pictures(folder: Path, logger: Any, method: str, query_set: str) -> Non
 
 def load_scores(folder: Path) -> tuple[np.ndarray, dict[str, Any]]:
     """(lambdas x queries x train scores, manifest) of a finished score folder."""
-    from das_lightning.manifest import read_manifest
-
     manifest = read_manifest(folder)
     if manifest is None or not manifest.get("complete"):
         raise FileNotFoundError(f"no finished scores at {folder}: run `python attribute.py method=...` first")
     return np.load(folder / SCORES_FILE, mmap_mode="r"), manifest
-
-
-__all__ = ["AttributionInputs", "MethodSettings", "attribute", "load_scores", "check_or_write_manifest"]
