@@ -13,6 +13,8 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from typing_extensions import override
 
@@ -25,6 +27,7 @@ from das_lightning.models.ddpm import DiffusionModule, OptimizerSettings, load_t
 from das_lightning.models.sampling import SamplerSettings, ddim_sample
 from das_lightning.paths import RunPaths
 from das_lightning.seeding import derive_seed
+from das_lightning.viz import image_grid, log_images_to_wandb
 
 log = logging.getLogger(__name__)
 
@@ -195,25 +198,38 @@ def train_model(
     )
     atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2, sort_keys=True, default=str))
 
-    if (paths.unet_dir / DONE_MARKER).exists():
-        log.info("model at %s is complete; reusing it", paths.unet_dir)
-    else:
-        _fit(
-            paths,
-            unet,
-            train_set,
-            indices,
-            seed_for_run,
-            train,
-            trainer_settings,
-            logger_settings,
-            config,
-            resume_from,
-            module_class,
-            module_kwargs,
-        )
-    if generation.num_images > 0 and _is_global_zero():
-        generate_queries(paths, generation)
+    # one logger for the run: training curves, then the grid of generated samples
+    logger = build_logger(
+        logger_settings,
+        paths.run_dir,
+        name=f"train/{paths.dataset}/{paths.tag}/seed{paths.seed}",
+        config=config,
+    )
+    try:
+        if (paths.unet_dir / DONE_MARKER).exists():
+            log.info("model at %s is complete; reusing it", paths.unet_dir)
+        else:
+            _fit(
+                paths,
+                unet,
+                train_set,
+                indices,
+                seed_for_run,
+                train,
+                trainer_settings,
+                logger,
+                resume_from,
+                module_class,
+                module_kwargs,
+            )
+        if generation.num_images > 0 and _is_global_zero():
+            generate_queries(paths, generation)
+            with Image.open(paths.queries_dir / "generated_grid.png") as grid:
+                log_images_to_wandb(
+                    logger, "samples/generated", grid.copy(), caption="DDIM samples of this model"
+                )
+    finally:
+        finish_logger(logger)
     return paths
 
 
@@ -233,8 +249,7 @@ def _fit(
     seed_for_run: int,
     train: TrainSettings,
     trainer_settings: TrainerSettings,
-    logger_settings: LoggerSettings,
-    config: dict[str, Any],
+    logger: Logger | None,
     resume_from: Path | None,
     module_class: type[DiffusionModule],
     module_kwargs: dict[str, Any] | None,
@@ -268,37 +283,26 @@ def _fit(
     if resume is not None:
         _check_resumable(resume)
         log.info("resuming from %s", resume)
-    logger = build_logger(
-        logger_settings,
-        paths.run_dir,
-        name=f"train/{paths.dataset}/{paths.tag}/seed{paths.seed}",
-        config=config,
+    trainer = L.Trainer(
+        max_steps=train.max_steps,
+        gradient_clip_val=train.grad_clip,
+        accelerator=trainer_settings.accelerator,
+        devices=trainer_settings.devices,
+        strategy=trainer_settings.strategy,
+        precision=trainer_settings.precision,
+        num_nodes=trainer_settings.num_nodes,
+        logger=logger if logger is not None else False,
+        callbacks=callbacks,
+        default_root_dir=str(paths.run_dir),
+        enable_progress_bar=trainer_settings.enable_progress_bar,
+        log_every_n_steps=trainer_settings.log_every_n_steps,
+        enable_model_summary=False,
+        deterministic=False,
     )
-    try:
-        trainer = L.Trainer(
-            max_steps=train.max_steps,
-            gradient_clip_val=train.grad_clip,
-            accelerator=trainer_settings.accelerator,
-            devices=trainer_settings.devices,
-            strategy=trainer_settings.strategy,
-            precision=trainer_settings.precision,
-            num_nodes=trainer_settings.num_nodes,
-            logger=logger if logger is not None else False,
-            callbacks=callbacks,
-            default_root_dir=str(paths.run_dir),
-            enable_progress_bar=trainer_settings.enable_progress_bar,
-            log_every_n_steps=trainer_settings.log_every_n_steps,
-            enable_model_summary=False,
-            deterministic=False,
-        )
-        trainer.fit(
-            module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True
-        )
-        if trainer.is_global_zero:
-            module.save_trained(str(paths.unet_dir))
-            atomic_write_text(paths.unet_dir / DONE_MARKER, f"{trainer.global_step}\n")
-    finally:
-        finish_logger(logger)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
+    if trainer.is_global_zero:
+        module.save_trained(str(paths.unet_dir))
+        atomic_write_text(paths.unet_dir / DONE_MARKER, f"{trainer.global_step}\n")
 
 
 def require_finished(paths: RunPaths) -> None:
@@ -318,8 +322,6 @@ def load_unet(paths: RunPaths) -> torch.nn.Module:
 
 def generate_queries(paths: RunPaths, generation: GenerationSettings) -> Path:
     """Generate (or reuse) the model's query images: ``queries/generated.safetensors`` + a PNG grid."""
-    from das_lightning.viz import image_grid
-
     folder = paths.queries_dir
     manifest = {
         "num_images": generation.num_images,

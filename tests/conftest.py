@@ -35,19 +35,27 @@ TINY_ATTRIBUTE = [
 ]
 
 
-def entry_env() -> dict[str, str]:
+def entry_env(wandb_mode: str = "disabled") -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    env.update({"WANDB_MODE": wandb_mode, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
     env.pop("DAS_OUTPUT_ROOT", None)
+    env.pop("WANDB_API_KEY", None)  # never online from a test
     return env
 
 
-def run_entry(script: str, *overrides: str, cwd: Path, check: bool = True, timeout: int = 600):
+def run_entry(
+    script: str,
+    *overrides: str,
+    cwd: Path,
+    check: bool = True,
+    timeout: int = 600,
+    wandb_mode: str = "disabled",
+):
     """Run train.py / attribute.py / evaluate_lds.py in a subprocess (DDP re-launches need a real command)."""
     result = subprocess.run(
         [sys.executable, str(REPO / script), *overrides],
         cwd=cwd,
-        env=entry_env(),
+        env=entry_env(wandb_mode),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -198,3 +198,20 @@ def test_two_process_ddp_training_writes_one_model(tmp_path: Path) -> None:
     run = tmp_path / "fashion2" / "tiny" / "full" / "seed0"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
     assert (run / "unet" / "DONE").read_text().strip() == "3"
+
+
+def test_wandb_logs_offline_into_the_run_folder(tmp_path: Path) -> None:
+    run_entry(
+        "train.py",
+        f"paths.root={tmp_path}",
+        *TINY_TRAIN,
+        "logger=wandb",
+        "train.max_steps=3",
+        cwd=tmp_path,
+        wandb_mode="offline",
+    )
+    run = tmp_path / "fashion2" / "tiny" / "full" / "seed0"
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1, "one offline W&B run, inside the run folder"
+    assert list(offline[0].rglob("samples/generated*.png")), "the grid of generated samples is logged"
+    assert not (tmp_path / "wandb").exists()
