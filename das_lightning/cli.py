@@ -283,6 +283,14 @@ def run_counterfactual(cfg: DictConfig) -> None:
         f"counterfactual ({result.method}): median pixel L2 after removing top proponents "
         f"{result.median_l2_top:.3f} vs random removal {result.median_l2_random:.3f}"
     )
+    if result.median_clip_cosine_top is None:
+        print(
+            "  CLIP cosine: skipped (no CLIP model in the local Hugging Face cache; see counterfactual.clip_model)"
+        )
+    else:
+        print(
+            f"  median CLIP cosine: top {result.median_clip_cosine_top:.3f}, random {result.median_clip_cosine_random:.3f}"
+        )
 
 
 def run_train(cfg: DictConfig) -> RunPaths:

@@ -126,6 +126,7 @@ def test_counterfactual_retrains_and_measures_distances(lds_root: Path) -> None:
     result = json.loads((lds_root / "fashion2" / "tiny" / "lds" / "counterfactual_das.json").read_text())
     assert len(result["l2_top"]) == 1 and len(result["l2_random"]) == 1
     assert np.isfinite(result["median_l2_top"]) and result["median_l2_top"] > 0
+    assert result["median_clip_cosine_top"] is None  # no local CLIP: reported as absent, never made up
     kept = json.loads((lds_root / "fashion2" / "tiny" / "cf-das-q0" / "seed0" / "subset.json").read_text())
     top = json.loads((lds_root / RUN / "scores" / "das" / "generated" / "topk.json").read_text())
     assert kept["size"] == 43 and not set(top["proponent_indices"][0][:5]) & set(kept["indices"])

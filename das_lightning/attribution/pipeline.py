@@ -163,14 +163,19 @@ def das_residuals(inputs: AttributionInputs, method: MethodSettings, e_seed: int
 
 def clip_embeddings(dataset: ImageDataset, model_name: str) -> np.ndarray:
     """CLIP image embeddings from a model in the local Hugging Face cache (never downloaded here)."""
+    return clip_image_embeddings(_images(dataset), model_name)
+
+
+def clip_image_embeddings(images: torch.Tensor, model_name: str) -> np.ndarray:
+    """CLIP embeddings of images (B, C, H, W) in [-1, 1]; grey images are repeated over three channels."""
     model, processor = load_local_clip(model_name)
-    images = ((_images(dataset) + 1) * 127.5).clamp(0, 255).to(torch.uint8)
-    if images.shape[1] == 1:
-        images = images.repeat(1, 3, 1, 1)
+    pixels = ((images + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+    if pixels.shape[1] == 1:
+        pixels = pixels.repeat(1, 3, 1, 1)
     embeddings = []
     with torch.no_grad():
-        for start in range(0, len(images), 64):
-            batch = [image.permute(1, 2, 0).numpy() for image in images[start : start + 64]]
+        for start in range(0, len(pixels), 64):
+            batch = [image.permute(1, 2, 0).numpy() for image in pixels[start : start + 64]]
             pixel_values = processor(images=batch, return_tensors="pt")["pixel_values"]
             embeddings.append(model.get_image_features(pixel_values=pixel_values).float())
     return torch.cat(embeddings).numpy()

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from das_lightning.attribution.pipeline import load_scores
+from das_lightning.attribution.pipeline import clip_image_embeddings, load_local_clip, load_scores
 from das_lightning.data import ImageDataset
 from das_lightning.manifest import atomic_write_text, read_manifest
 from das_lightning.models.sampling import SamplerSettings, ddim_sample
@@ -26,6 +26,7 @@ class CounterfactualSettings:
     method: str = "das"
     num_queries: int = 4
     remove_top: int = 100
+    clip_model: str = "openai/clip-vit-base-patch32"  # used when it is in the local Hugging Face cache
 
 
 @dataclass
@@ -35,6 +36,8 @@ class CounterfactualResult:
     median_l2_random: float
     l2_top: list[float]
     l2_random: list[float]
+    median_clip_cosine_top: float | None = None  # None: no local CLIP model
+    median_clip_cosine_random: float | None = None
 
 
 def removal_sets(
@@ -69,6 +72,7 @@ def counterfactual(
     count = min(settings.num_queries, len(scores))
     removals = removal_sets(scores, count, settings.remove_top, len(train_set))
     distances: dict[str, list[float]] = {"top": [], "random": []}
+    regenerated_images: dict[str, list[torch.Tensor]] = {"top": [], "random": []}
     for variant, removed_per_query in removals.items():
         for query, removed in enumerate(removed_per_query):
             keep = np.setdiff1d(np.arange(len(train_set)), removed)
@@ -79,13 +83,34 @@ def counterfactual(
             retrain(run, SubsetSettings(kind="custom", indices=keep.tolist(), seed_tag=paths.tag))
             regenerated = ddim_sample(load_unet(run), 1, sampler, first_index=query)[0]
             distances[variant].append(float(torch.linalg.vector_norm(regenerated - originals[query])))
+            regenerated_images[variant].append(regenerated)
     result = CounterfactualResult(
         settings.method,
         float(np.median(distances["top"])),
         float(np.median(distances["random"])),
         distances["top"],
         distances["random"],
+        *_clip_cosines(originals[:count], regenerated_images, settings.clip_model),
     )
     out = paths.lds_dir / f"counterfactual_{settings.method}.json"
     atomic_write_text(Path(out), json.dumps(result.__dict__, indent=2))
     return result
+
+
+def _clip_cosines(
+    originals: torch.Tensor, regenerated: dict[str, list[torch.Tensor]], clip_model: str
+) -> tuple[float | None, float | None]:
+    """Median CLIP cosine between each original and its regenerated image, per variant; (None, None) offline."""
+    try:
+        load_local_clip(clip_model)
+    except FileNotFoundError:
+        return None, None
+    reference = clip_image_embeddings(originals, clip_model)
+    medians = []
+    for variant in ("top", "random"):
+        embedded = clip_image_embeddings(torch.stack(regenerated[variant]), clip_model)
+        cosine = np.sum(reference * embedded, axis=1) / (
+            np.linalg.norm(reference, axis=1) * np.linalg.norm(embedded, axis=1)
+        )
+        medians.append(float(np.median(cosine)))
+    return medians[0], medians[1]
