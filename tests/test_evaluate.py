@@ -120,6 +120,7 @@ def test_counterfactual_retrains_and_measures_distances(lds_root: Path) -> None:
                 "mode=counterfactual",
                 "counterfactual.num_queries=1",
                 "counterfactual.remove_top=5",
+                "counterfactual.clip_model=no-such-org/no-clip",
             ],
         )
     )
