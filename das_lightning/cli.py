@@ -5,6 +5,7 @@ Entry points call these; each returns plain dataclasses or objects."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -13,19 +14,34 @@ from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
+from das_lightning.attribution.store import CorruptStoreError
 from das_lightning.data import DatasetNotFoundError, build_dataset
 from das_lightning.loggers import LoggerSettings
 from das_lightning.manifest import ManifestMismatchError
 from das_lightning.models.ddpm import OptimizerSettings
 from das_lightning.models.sampling import SamplerSettings
 from das_lightning.paths import RunPaths
-from das_lightning.training import GenerationSettings, SubsetSettings, TrainerSettings, TrainSettings
+from das_lightning.training import (
+    CorruptCheckpointError,
+    GenerationSettings,
+    SubsetSettings,
+    TrainerSettings,
+    TrainSettings,
+)
 
 T = TypeVar("T")
 log = logging.getLogger("das_lightning")
 
-# errors that are the user's to fix: one clear line, exit 2, no traceback
-USER_ERRORS = (DatasetNotFoundError, ManifestMismatchError, FileNotFoundError, ValueError)
+# errors that are the user's to fix: one clear line, exit 2, no traceback (DAS_DEBUG=1 shows the traceback)
+USER_ERRORS = (
+    DatasetNotFoundError,
+    ManifestMismatchError,
+    FileNotFoundError,
+    ValueError,
+    CorruptStoreError,
+    CorruptCheckpointError,
+    FloatingPointError,
+)
 
 
 def to_plain(cfg: DictConfig) -> dict[str, Any]:
@@ -40,6 +56,8 @@ def user_errors_exit(main: Callable[..., T]) -> Callable[..., T]:
         try:
             return main(*args, **kwargs)
         except USER_ERRORS as error:
+            if os.environ.get("DAS_DEBUG"):
+                raise
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
 

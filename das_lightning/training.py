@@ -130,12 +130,16 @@ def load_snapshot(unet: torch.nn.Module, folder: Path) -> float:
     return float(json.loads((Path(folder) / "snapshot.json").read_text())["lr"])
 
 
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from (truncated, not a checkpoint, or not weights-only loadable)."""
+
+
 def _check_resumable(checkpoint: Path) -> None:
     """Fail with the file's name, not a traceback from deep inside Lightning, when a checkpoint is unreadable."""
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any failure means the same thing to the user
-        raise RuntimeError(
+        raise CorruptCheckpointError(
             f"cannot resume: checkpoint {checkpoint} is corrupt or not a checkpoint ({type(error).__name__}). "
             "Delete it to train from scratch."
         ) from error

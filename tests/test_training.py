@@ -167,7 +167,7 @@ def test_corrupt_checkpoint_is_named(tmp_path: Path) -> None:
     run.mkdir(parents=True)
     (run / "last.ckpt").write_bytes(b"not a checkpoint")
     result = run_entry("train.py", f"paths.root={tmp_path}", *TINY_TRAIN, cwd=tmp_path, check=False)
-    assert result.returncode != 0
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "last.ckpt" in result.stderr and "corrupt" in result.stderr
 
 
