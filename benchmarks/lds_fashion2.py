@@ -41,20 +41,33 @@ def run(stage: str, args: list[str], timings: dict[str, float]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--root", default="outputs/bench", help="paths.root for every artifact")
     parser.add_argument("--subsets", type=int, default=32, help="number of LDS subsets M")
     args = parser.parse_args()
-    common = ["experiment=fashion2_lds", f"paths.root={args.root}", "logger=csv", "trainer.enable_progress_bar=false"]
+    common = [
+        "experiment=fashion2_lds",
+        f"paths.root={args.root}",
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+    ]
     timings: dict[str, float] = {}
     started = time.perf_counter()
     run("train full model", ["train.py", *common], timings)
-    run("train subset models", ["train.py", "-m", *common, "subset=lds",
-                                f"subset.index=range(0,{args.subsets})"], timings)
+    run(
+        "train subset models",
+        ["train.py", "-m", *common, "subset=lds", f"subset.index=range(0,{args.subsets})"],
+        timings,
+    )
     for method in METHODS:
         run(f"attribute {method}", ["attribute.py", *common, f"method={method}"], timings)
-    run("evaluate", ["evaluate_lds.py", *common, f"lds.num_subsets={args.subsets}", f"methods=[{','.join(METHODS)}]"],
-        timings)
+    run(
+        "evaluate",
+        ["evaluate_lds.py", *common, f"lds.num_subsets={args.subsets}", f"methods=[{','.join(METHODS)}]"],
+        timings,
+    )
     total = round(time.perf_counter() - started, 1)
 
     lds_dir = REPO / args.root / "fashion2" / "tiny" / "lds"
@@ -69,9 +82,11 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "lds_fashion2.json").write_text(json.dumps(document, indent=2) + "\n")
     table = (lds_dir / "lds.md").read_text()
-    header = (f"# LDS on fashion2 (experiment=fashion2_lds)\n\n{document['benchmark']['command']}  \n"
-              f"{document['benchmark']['date']}, {document['benchmark']['machine']['cpu']}, "
-              f"{document['benchmark']['machine']['cores']} cores, {total / 60:.0f} min end to end\n\n")
+    header = (
+        f"# LDS on fashion2 (experiment=fashion2_lds)\n\n{document['benchmark']['command']}  \n"
+        f"{document['benchmark']['date']}, {document['benchmark']['machine']['cpu']}, "
+        f"{document['benchmark']['machine']['cores']} cores, {total / 60:.0f} min end to end\n\n"
+    )
     (RESULTS / "lds_fashion2.md").write_text(header + table)
     print(header + table)
 
