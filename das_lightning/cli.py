@@ -173,11 +173,9 @@ def module_settings(model_cfg: DictConfig) -> dict[str, Any]:
 
 def attribution_inputs(cfg: DictConfig, paths: RunPaths, method):
     """The full model, its training set and its query sets, as the attribute stage needs them."""
-    import json
-
     from das_lightning.attribution.pipeline import AttributionInputs
     from das_lightning.queries import build_query_sets
-    from das_lightning.training import require_finished
+    from das_lightning.training import require_finished, training_snapshots
 
     require_finished(paths)
     model = model_adapter(cfg).load(paths.unet_dir, paths.experiment_dir / "latents")
@@ -185,11 +183,7 @@ def attribution_inputs(cfg: DictConfig, paths: RunPaths, method):
     train_set = dataset_from_config(cfg, split="train")
     require_trained_on(paths, train_set)
     query_sets = build_query_sets(query_settings(cfg), dataset_from_config(cfg, split="test"), paths)
-    snapshots = []
-    if method.kind == "tracin":
-        for folder in sorted(paths.snapshots_dir.glob("step*")):
-            lr = json.loads((folder / "snapshot.json").read_text())["lr"]
-            snapshots.append((folder / "diffusion_pytorch_model.safetensors", float(lr)))
+    snapshots = training_snapshots(paths) if method.kind == "tracin" else []
     journey = {}
     if method.kind == "journey_trak" and "generated" in query_sets:
         from das_lightning.attribution.journey import predicted_clean_steps

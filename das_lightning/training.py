@@ -124,10 +124,15 @@ class SnapshotCallback(Callback):
         atomic_write_text(target / "snapshot.json", json.dumps({"step": step, "lr": lr}))
 
 
-def load_snapshot(unet: torch.nn.Module, folder: Path) -> float:
-    """Load a TracIn snapshot into ``unet``; returns its learning rate."""
-    unet.load_state_dict(load_file(str(Path(folder) / "diffusion_pytorch_model.safetensors")))
-    return float(json.loads((Path(folder) / "snapshot.json").read_text())["lr"])
+def training_snapshots(paths: RunPaths) -> list[tuple[Path, float]]:
+    """(weights file, learning rate) of each TracIn snapshot the run kept, in step order."""
+    return [
+        (
+            folder / "diffusion_pytorch_model.safetensors",
+            float(json.loads((folder / "snapshot.json").read_text())["lr"]),
+        )
+        for folder in sorted(paths.snapshots_dir.glob("step*"))
+    ]
 
 
 class CorruptCheckpointError(RuntimeError):

@@ -483,7 +483,7 @@ def _write_scores(
     atomic_write_text(folder / "topk.json", json.dumps({"lambda": picture_lambda, **top}))
     shown = min(method.num_grid_queries, len(queries))
     grid = attribution_grid(
-        _images(queries)[:shown] if shown else torch.zeros(0),
+        torch.stack([queries[i]["image"] for i in range(shown)]) if shown else torch.zeros(0),
         lambda idx: torch.stack([inputs.train_set[int(i)]["image"] for i in idx]),
         top["proponent_indices"][:shown],
         opponent_indices=top["opponent_indices"][:shown],
