@@ -87,14 +87,29 @@ def make_gradients(
 
 
 def make_projector(settings: FeatureSettings, num_params: int, device: torch.device | str = "cpu"):
+    """The projector of ``settings``; the same one is reused for every image set of a run (train, val,
+    generated), so a dense matrix kept in memory is generated once, not once per set."""
     options = dict(settings.projector_options)
     if settings.projector == "dense":
         options.setdefault("distribution", settings.projector_distribution)
     if settings.projector != "identity":
-        options.setdefault("device", device)
-    return build_projector(
-        settings.projector, num_params, settings.projector_dim, settings.projector_seed, **options
+        options.setdefault("device", str(device))
+    key = tuple(sorted((name, repr(value)) for name, value in options.items()))
+    return _cached_projector(
+        settings.projector, num_params, settings.projector_dim, settings.projector_seed, key, options
     )
+
+
+_last_projector: dict[tuple, Any] = {}
+
+
+def _cached_projector(kind: str, num_params: int, dim: int, seed: int, key: tuple, options: dict[str, Any]):
+    """Keeps the last projector built (one, so at most one dense matrix stays in memory)."""
+    identity = (kind, num_params, dim, seed, key)
+    if identity not in _last_projector:
+        _last_projector.clear()
+        _last_projector[identity] = build_projector(kind, num_params, dim, seed, **options)
+    return _last_projector[identity]
 
 
 def feature_manifest(
