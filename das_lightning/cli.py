@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from das_lightning.attribution.store import CorruptStoreError
 from das_lightning.data import DatasetNotFoundError, build_dataset
+from das_lightning.distributed import is_global_zero
 from das_lightning.loggers import LoggerSettings
 from das_lightning.manifest import ManifestMismatchError
 from das_lightning.models.ddpm import OptimizerSettings
@@ -231,8 +232,8 @@ def require_trained_on(paths: RunPaths, train_set) -> None:
         raise ManifestMismatchError(paths.run_dir, differences)
 
 
-def run_lds(cfg: DictConfig) -> None:
-    """evaluate_lds.py mode=lds: compose the typed inputs and run the LDS stage."""
+def run_lds(cfg: DictConfig):
+    """evaluate_lds.py mode=lds: compose the typed inputs and run the LDS stage; returns the report."""
     from das_lightning.evaluation.pipeline import LDSSettings, evaluate
     from das_lightning.queries import build_query_sets
 
@@ -254,8 +255,10 @@ def run_lds(cfg: DictConfig) -> None:
         )
     finally:
         close_logger(logger)
-    print(report.table)
-    print(f"\nwritten: {paths.lds_dir}/lds.json, lds.md, lds_vs_lambda_*.png")
+    if is_global_zero():
+        print(report.table)
+        print(f"\nwritten: {paths.lds_dir}/lds.json, lds.md, lds_vs_lambda_*.png")
+    return report
 
 
 def run_counterfactual(cfg: DictConfig) -> None:
@@ -343,7 +346,8 @@ def run_attribute(cfg: DictConfig):
         result = attribute(inputs, method, collection_device(cfg), logger)
     finally:
         close_logger(logger)
-    print(f"method {result.method}: lambda for pictures {result.picture_lambda:g}")
-    for query_set, folder in result.folders.items():
-        print(f"  {query_set}: {folder}/scores.npy, topk.json, grid.png")
+    if is_global_zero():
+        print(f"method {result.method}: lambda for pictures {result.picture_lambda:g}")
+        for query_set, folder in result.folders.items():
+            print(f"  {query_set}: {folder}/scores.npy, topk.json, grid.png")
     return result

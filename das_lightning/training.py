@@ -21,6 +21,7 @@ from typing_extensions import override
 from das_lightning.data import ImageDataset
 from das_lightning.data.datamodule import DiffusionDataModule
 from das_lightning.data.subsets import lds_subset_indices, save_index_list
+from das_lightning.distributed import is_global_zero
 from das_lightning.loggers import LoggerSettings, build_logger, finish_logger
 from das_lightning.manifest import atomic_write_text, check_or_write_manifest, hash_array
 from das_lightning.models.ddpm import DiffusionModule, OptimizerSettings, load_trained_network
@@ -231,7 +232,7 @@ def train_model(
                 module_class,
                 module_kwargs,
             )
-        if generation.num_images > 0 and _is_global_zero():
+        if generation.num_images > 0 and is_global_zero():
             generate_queries(paths, generation)
             with Image.open(paths.queries_dir / "generated_grid.png") as grid:
                 log_images_to_wandb(
@@ -240,14 +241,6 @@ def train_model(
     finally:
         finish_logger(logger)
     return paths
-
-
-def _is_global_zero() -> bool:
-    return (
-        not torch.distributed.is_available()
-        or not torch.distributed.is_initialized()
-        or (torch.distributed.get_rank() == 0)
-    )
 
 
 def _fit(

@@ -93,7 +93,7 @@ def test_changed_projector_seed_is_refused_with_the_key_named(das_root: Path) ->
 
 def test_two_process_ddp_features_equal_one_process(das_root: Path, tmp_path: Path) -> None:
     root = _copy_model(das_root, tmp_path)
-    run_entry(
+    result = run_entry(
         "attribute.py",
         f"paths.root={root}",
         *TINY_ATTRIBUTE,
@@ -110,6 +110,15 @@ def test_two_process_ddp_features_equal_one_process(das_root: Path, tmp_path: Pa
             rtol=1e-4,
             atol=1e-5,
         )
+    # both ranks score, one writes: the scores are the single-process ones and the summary is printed once
+    scores = root / RUN / "scores" / "das" / "val"
+    single = np.load(das_root / RUN / "scores" / "das" / "val" / "scores.npy")
+    np.testing.assert_allclose(
+        np.load(scores / "scores.npy"), single, rtol=1e-3, atol=1e-3 * float(np.abs(single).max())
+    )
+    assert json.loads((scores / "manifest.json").read_text())["complete"] is True
+    assert not list(scores.glob("*.tmp"))
+    assert result.stdout.count("lambda for pictures") == 1
 
 
 def test_killed_run_resumes_to_the_same_features(das_root: Path, tmp_path: Path) -> None:

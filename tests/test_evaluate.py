@@ -131,3 +131,30 @@ def test_counterfactual_retrains_and_measures_distances(lds_root: Path) -> None:
     kept = json.loads((lds_root / "fashion2" / "tiny" / "cf-das-q0" / "seed0" / "subset.json").read_text())
     top = json.loads((lds_root / RUN / "scores" / "das" / "generated" / "topk.json").read_text())
     assert kept["size"] == 43 and not set(top["proponent_indices"][0][:5]) & set(kept["indices"])
+
+
+def test_two_process_ddp_ground_truth_equals_one_process(lds_root: Path, tmp_path: Path) -> None:
+    single = _evaluate(lds_root)
+    root = tmp_path / "ddp"
+    shutil.copytree(lds_root, root)
+    shutil.rmtree(root / "fashion2" / "tiny" / "lds")
+    result = run_entry(
+        "evaluate_lds.py",
+        f"paths.root={root}",
+        *TINY_LDS,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        cwd=root,
+    )
+    document = json.loads((root / "fashion2" / "tiny" / "lds" / "lds.json").read_text())
+    by_key = {(r["method"], r["query_set"], r["lambda_selection"]): r["lds"] for r in document["records"]}
+    assert len(by_key) == len(single.records)
+    for record in single.records:
+        expected = record.lds
+        got = by_key[(record.method, record.query_set, record.lambda_selection)]
+        assert (got is None) == (expected is None)
+        if expected is not None:
+            assert abs(got - expected) < 1e-6
+    assert result.stdout.count("| das") == single.table.count("| das")
+    assert not list((root / "fashion2" / "tiny" / "lds").rglob("*.tmp*"))

@@ -127,7 +127,7 @@ def predict_losses(devices: int, folder, setup) -> torch.Tensor:
     # 5 queries over 2 ranks: uneven shards (Lightning's predict sampler does not pad; a padding sampler's
     # duplicates are covered by test_gather_dedupes_and_refuses_missing_or_conflicting_rows)
     trainer.predict(module, DataLoader(QueryDataset(images, indices), batch_size=2), return_predictions=False)
-    outputs = read_prediction_files(folder)
+    outputs = read_prediction_files(folder, devices)
     assert len(outputs) == devices
     return gather_predictions(outputs, indices)
 

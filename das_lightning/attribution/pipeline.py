@@ -27,6 +27,7 @@ from das_lightning.attribution import scores as scoring
 from das_lightning.attribution.features import CollectionDevice, FeatureSettings, collect_features
 from das_lightning.attribution.store import FeatureStore
 from das_lightning.data import ImageDataset, TensorImageDataset
+from das_lightning.distributed import is_global_zero
 from das_lightning.manifest import (
     atomic_write_text,
     hash_array,
@@ -416,7 +417,10 @@ def attribute(
     device: CollectionDevice = CollectionDevice(),
     logger: Any = None,
 ) -> AttributionResult:
-    """Scores of ``method`` for each query set against the training set, with top-k lists and grids."""
+    """Scores of ``method`` for each query set against the training set, with top-k lists and grids.
+
+    Under DDP every rank runs this: feature collection is collective, so each rank takes part in every set's
+    collection, and only global rank zero writes the score folders (the others return the same folder paths)."""
     if method.kind not in METHOD_KINDS:
         raise ValueError(f"unknown method kind {method.kind!r}; choose one of {sorted(METHOD_KINDS)}")
     if method.kind in NEEDS_FEATURES and method.features is None:
@@ -437,9 +441,10 @@ def attribute(
         train_features = context.cache["train"].features if "train" in context.cache else None
         picture_lambda = _picture_lambda(method, train_features) if len(lambdas) > 1 else lambdas[0]
         folder = inputs.scores_dir / method.name / query_set
-        _write_scores(folder, stacked, lambdas, picture_lambda, method, inputs, queries)
         folders[query_set] = folder
-        _log_pictures(folder, logger, method.name, query_set)
+        if is_global_zero():
+            _write_scores(folder, stacked, lambdas, picture_lambda, method, inputs, queries)
+            _log_pictures(folder, logger, method.name, query_set)
     return AttributionResult(method.name, folders, picture_lambda)
 
 

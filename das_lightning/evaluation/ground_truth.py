@@ -145,8 +145,9 @@ class GroundTruthModule(lightning.LightningModule):
 
 
 class LossPredictionWriter(BasePredictionWriter):
-    """Writes each rank's {"index", "loss"} rows to ``<folder>/losses_rank<r>.safetensors`` at the end of predict,
-    so outputs survive ``ddp_spawn`` (whose workers return nothing to the launcher) and multi-node runs alike."""
+    """Writes each rank's {"index", "loss"} rows to ``<folder>/losses_rank<r>_of<world size>.safetensors`` at the end
+    of predict, so outputs survive ``ddp_spawn`` (whose workers return nothing to the launcher) and multi-node runs
+    alike. The world size in the name keeps a reader from mixing in files an earlier run of another size left."""
 
     def __init__(self, folder: Path):
         super().__init__(write_interval="epoch")
@@ -166,14 +167,16 @@ class LossPredictionWriter(BasePredictionWriter):
             "index": torch.cat([output["index"] for output in outputs]).long(),
             "loss": torch.cat([output["loss"] for output in outputs]).double(),
         }
-        _atomic_save(tensors, self.folder / f"losses_rank{trainer.global_rank}.safetensors")
+        name = f"losses_rank{trainer.global_rank}_of{trainer.world_size}.safetensors"
+        _atomic_save(tensors, self.folder / name)
 
 
-def read_prediction_files(folder: Path) -> list[dict[str, torch.Tensor]]:
-    """The per-rank files written by :class:`LossPredictionWriter`, as predict outputs."""
-    paths = sorted(Path(folder).glob("losses_rank*.safetensors"))
-    if not paths:
-        raise FileNotFoundError(f"no losses_rank*.safetensors in {folder}")
+def read_prediction_files(folder: Path, world_size: int) -> list[dict[str, torch.Tensor]]:
+    """The ``world_size`` per-rank files written by :class:`LossPredictionWriter`, as predict outputs."""
+    paths = [Path(folder) / f"losses_rank{rank}_of{world_size}.safetensors" for rank in range(world_size)]
+    missing = [path.name for path in paths if not path.exists()]
+    if missing:
+        raise FileNotFoundError(f"prediction files missing from {folder}: {', '.join(missing)}")
     return [load_file(path) for path in paths]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from das_lightning.attribution.features import CollectionDevice
 from das_lightning.attribution.pipeline import load_scores
 from das_lightning.data import ImageDataset, load_index_record
 from das_lightning.diffusion import NUM_TRAIN_TIMESTEPS
+from das_lightning.distributed import is_global_zero
 from das_lightning.evaluation.ground_truth import (
     GroundTruthModule,
     LossPredictionWriter,
@@ -132,22 +133,30 @@ def model_losses(
             settings.pair_batch_size,
             extra=dataset_extra(model.extra_inputs, inputs),
         )
-        with tempfile.TemporaryDirectory(dir=cache.parent) as scratch:
-            trainer = lightning.Trainer(
-                accelerator=device.accelerator,
-                devices=device.devices,
-                strategy=device.strategy,
-                num_nodes=device.num_nodes,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=device.enable_progress_bar,
-                enable_model_summary=False,
-                callbacks=[LossPredictionWriter(Path(scratch))],
-            )
-            loader = DataLoader(inputs, batch_size=settings.query_batch_size, shuffle=False)
-            trainer.predict(module, loader, return_predictions=False)
-            trainer.strategy.barrier()
-            return gather_predictions(read_prediction_files(Path(scratch)), list(range(len(queries))))
+        # one folder every rank can see (a per-process temporary folder would hide the other ranks' rows); it
+        # lives inside the manifest-checked cache, so rows left by an interrupted run are rows of this same model
+        scratch = cache / "ranks"
+        trainer = lightning.Trainer(
+            accelerator=device.accelerator,
+            devices=device.devices,
+            strategy=device.strategy,
+            num_nodes=device.num_nodes,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=device.enable_progress_bar,
+            enable_model_summary=False,
+            callbacks=[LossPredictionWriter(scratch)],
+        )
+        loader = DataLoader(inputs, batch_size=settings.query_batch_size, shuffle=False)
+        trainer.predict(module, loader, return_predictions=False)
+        trainer.strategy.barrier()  # every rank's rows are on disk
+        losses = gather_predictions(
+            read_prediction_files(scratch, trainer.world_size), list(range(len(queries)))
+        )
+        trainer.strategy.barrier()  # every rank has read them
+        if is_global_zero():
+            shutil.rmtree(scratch, ignore_errors=True)
+        return losses
 
     cache.parent.mkdir(parents=True, exist_ok=True)
     return cached_query_losses(cache, manifest, compute)
@@ -255,6 +264,8 @@ def evaluate(
                     )
                 )
     table = markdown_table(records, differences)
+    if not is_global_zero():  # under DDP every rank computed the same report; one writes it
+        return LDSReport(records, differences, curves, table)
     out = paths.lds_dir
     write_lds_json(
         out / "lds.json",
