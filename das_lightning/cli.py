@@ -150,26 +150,27 @@ def query_settings(cfg: DictConfig):
     return QuerySettings(**to_plain(cfg.queries))
 
 
-def model_adapter(cfg: DictConfig):
+def model_adapter(model_cfg: DictConfig):
     """How the measuring stages load and feed this model (``model.adapter``; default: pixel DDPM)."""
     import hydra
 
     from das_lightning.models.adapters import ModelAdapter
 
-    node = cfg.model.get("adapter")
+    node = model_cfg.get("adapter")
     return hydra.utils.instantiate(node, _convert_="all") if node is not None else ModelAdapter()
 
 
 def module_settings(model_cfg: DictConfig) -> dict[str, Any]:
-    """``train_model``'s module_class / module_kwargs from a model config (absent: the pixel DDPM module)."""
+    """``train_model``'s module_class / module_kwargs / adapter from a model config (absent: pixel DDPM)."""
     import hydra
 
-    if model_cfg.get("module_class") is None:
-        return {}
-    return {
-        "module_class": hydra.utils.get_class(str(model_cfg.module_class)),
-        "module_kwargs": to_plain(model_cfg.module_kwargs) if model_cfg.get("module_kwargs") else {},
-    }
+    settings: dict[str, Any] = {"adapter": model_adapter(model_cfg)}
+    if model_cfg.get("module_class") is not None:
+        settings["module_class"] = hydra.utils.get_class(str(model_cfg.module_class))
+        settings["module_kwargs"] = (
+            to_plain(model_cfg.module_kwargs) if model_cfg.get("module_kwargs") else {}
+        )
+    return settings
 
 
 def attribution_inputs(cfg: DictConfig, paths: RunPaths, method):
@@ -179,7 +180,7 @@ def attribution_inputs(cfg: DictConfig, paths: RunPaths, method):
     from das_lightning.training import require_finished, training_snapshots
 
     require_finished(paths)
-    model = model_adapter(cfg).load(paths.unet_dir, paths.experiment_dir / "latents")
+    model = model_adapter(cfg.model).load(paths.unet_dir, paths.latents_dir)
     unet = model.network
     train_set = dataset_from_config(cfg, split="train")
     require_trained_on(paths, train_set)
@@ -190,7 +191,7 @@ def attribution_inputs(cfg: DictConfig, paths: RunPaths, method):
         from das_lightning.attribution.journey import predicted_clean_steps
 
         journey["generated"] = predicted_clean_steps(
-            unet, paths, len(query_sets["generated"]), method.journey_steps
+            model, paths, len(query_sets["generated"]), method.journey_steps
         )
     return AttributionInputs(
         unet=unet,
@@ -251,7 +252,7 @@ def run_lds(cfg: DictConfig):
             LDSSettings(**to_plain(cfg.lds)),
             collection_device(cfg),
             logger,
-            adapter=model_adapter(cfg),
+            adapter=model_adapter(cfg.model),
         )
     finally:
         close_logger(logger)
@@ -293,7 +294,13 @@ def run_counterfactual(cfg: DictConfig) -> None:
             **module_settings(recipe.model),
         )
 
-    result = counterfactual(paths, train_set, CounterfactualSettings(**to_plain(cfg.counterfactual)), retrain)
+    result = counterfactual(
+        paths,
+        train_set,
+        CounterfactualSettings(**to_plain(cfg.counterfactual)),
+        retrain,
+        model_adapter(recipe.model),
+    )
     print(
         f"counterfactual ({result.method}): median pixel L2 after removing top proponents "
         f"{result.median_l2_top:.3f} vs random removal {result.median_l2_random:.3f}"

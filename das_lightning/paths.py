@@ -71,6 +71,11 @@ class RunPaths:
         return self.run_dir / "scores"
 
     @property
+    def latents_dir(self) -> Path:
+        """Latent models' cache of encoded image sets, shared by every run of the experiment."""
+        return self.experiment_dir / "latents"
+
+    @property
     def lds_dir(self) -> Path:
         return self.experiment_dir / "lds"
 

@@ -35,7 +35,8 @@ def validation_queries(test_set: ImageDataset, count: int) -> ImageDataset:
 
 
 def generated_queries(paths: RunPaths, count: int, image_size: int) -> ImageDataset:
-    images = load_generated_queries(paths)
+    """The first ``count`` images the full model generated, each with the class it was conditioned on."""
+    images, labels, class_names = load_generated_queries(paths)
     if count > len(images):
         raise ValueError(
             f"{count} generated queries asked for but {paths.queries_dir} holds {len(images)}; "
@@ -45,8 +46,8 @@ def generated_queries(paths: RunPaths, count: int, image_size: int) -> ImageData
     return TensorImageDataset(
         f"generated:{paths.dataset}/{paths.model}/{paths.tag}/seed{paths.seed}",
         pixels,
-        np.zeros(count, dtype=np.int64),
-        ["generated"],
+        labels[:count].numpy().astype(np.int64),
+        class_names,
         image_size,
     )
 

@@ -23,7 +23,14 @@ from das_lightning.data.datamodule import DiffusionDataModule
 from das_lightning.data.subsets import lds_subset_indices, save_index_list
 from das_lightning.distributed import is_global_zero
 from das_lightning.loggers import LoggerSettings, build_logger, finish_logger
-from das_lightning.manifest import atomic_write_text, check_or_write_manifest, hash_array
+from das_lightning.manifest import (
+    atomic_write_text,
+    check_or_write_manifest,
+    hash_array,
+    hash_file,
+    read_manifest,
+)
+from das_lightning.models.adapters import ModelAdapter
 from das_lightning.models.ddpm import DiffusionModule, OptimizerSettings, load_trained_network
 from das_lightning.models.sampling import SamplerSettings, ddim_sample
 from das_lightning.paths import RunPaths
@@ -33,6 +40,7 @@ from das_lightning.viz import image_grid, log_images_to_wandb
 log = logging.getLogger(__name__)
 
 DONE_MARKER = "DONE"
+GENERATED_FILE = "generated.safetensors"
 
 
 @dataclass
@@ -106,7 +114,8 @@ def subset_indices(dataset: ImageDataset, subset: SubsetSettings) -> np.ndarray:
 
 
 class SnapshotCallback(Callback):
-    """Keeps the weights and learning rate every N steps (safetensors), for TracIn."""
+    """Keeps the trained weights (``snapshot_state``: the whole UNet, or a LoRA run's adapters) and the learning rate
+    every N steps (safetensors), for TracIn."""
 
     def __init__(self, folder: Path, every_n_steps: int):
         self.folder = Path(folder)
@@ -119,8 +128,7 @@ class SnapshotCallback(Callback):
             return
         target = self.folder / f"step{step:07d}"
         target.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in pl_module.sampling_unet.state_dict().items()}
-        save_file(state, str(target / "diffusion_pytorch_model.safetensors"))
+        save_file(pl_module.snapshot_state(), str(target / "diffusion_pytorch_model.safetensors"))
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         atomic_write_text(target / "snapshot.json", json.dumps({"step": step, "lr": lr}))
 
@@ -169,17 +177,14 @@ def train_model(
     resume_from: Path | None = None,
     module_class: type[DiffusionModule] = DiffusionModule,
     module_kwargs: dict[str, Any] | None = None,
+    adapter: ModelAdapter | None = None,
 ) -> RunPaths:
     """Train (or resume, or reuse) the model at ``paths`` and return where it lives.
 
     ``unet_factory`` is called after seeding, so the initial weights are a function of the run's training seed.
+    ``adapter`` loads the saved model for generating queries (default: pixel DDPM; see ``model.adapter``).
     """
     indices = subset_indices(train_set, subset)  # validates the subset before any work
-    if generation.num_images > 0 and not module_class.generates_queries:
-        raise ValueError(
-            f"{module_class.__name__} cannot generate query images (DDIM sampling here is for unconditioned "
-            "pixel-space UNets): set generate.num_images=0 and attribute validation queries (queries.sets=[val])"
-        )
     run_dir = paths.run_dir
     seed_for_run = training_seed(subset.seed_tag or paths.tag, seed)
     L.seed_everything(seed_for_run, workers=True, verbose=False)
@@ -233,7 +238,7 @@ def train_model(
                 module_kwargs,
             )
         if generation.num_images > 0 and is_global_zero():
-            generate_queries(paths, generation)
+            generate_queries(paths, generation, adapter or ModelAdapter(), list(train_set.class_names))
             with Image.open(paths.queries_dir / "generated_grid.png") as grid:
                 log_images_to_wandb(
                     logger, "samples/generated", grid.copy(), caption="DDIM samples of this model"
@@ -322,34 +327,51 @@ def load_unet(paths: RunPaths) -> torch.nn.Module:
     return load_trained_network(paths.unet_dir)
 
 
-def generate_queries(paths: RunPaths, generation: GenerationSettings) -> Path:
-    """Generate (or reuse) the model's query images: ``queries/generated.safetensors`` + a PNG grid."""
+def generate_queries(
+    paths: RunPaths, generation: GenerationSettings, adapter: ModelAdapter, class_names: list[str]
+) -> Path:
+    """Generate (or reuse) the model's query images: ``queries/generated.safetensors`` (images in [-1, 1] and the
+    class each was conditioned on) + a PNG grid. ``class_names``: the training set's, for conditioned models."""
     folder = paths.queries_dir
+    model = adapter.load(paths.unet_dir, paths.latents_dir)
     manifest = {
         "num_images": generation.num_images,
-        "model": str(paths.unet_dir),
+        "model": hash_file(model.weights_file),
+        "class_names": list(class_names) if model.num_classes else ["generated"],
         **generation.sampler.describe(),
     }
     check_or_write_manifest(folder, manifest)
-    target = folder / "generated.safetensors"
+    target = folder / GENERATED_FILE
     if target.exists():
         return target
-    unet = load_unet(paths)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    images = ddim_sample(
-        unet.to(device), generation.num_images, generation.sampler, generation.batch_size, device
+    generated = ddim_sample(
+        model.to(device), generation.num_images, generation.sampler, generation.batch_size, device
     )
-    image_grid(images[:64], nrow=8).save(folder / "generated_grid.png")
-    tmp = folder / "generated.safetensors.tmp"
-    save_file({"images": images.contiguous()}, str(tmp))
+    image_grid(generated.images[:64], nrow=8).save(folder / "generated_grid.png")
+    tmp = folder / f"{GENERATED_FILE}.tmp"
+    save_file({"images": generated.images.contiguous(), "labels": generated.labels.contiguous()}, str(tmp))
     tmp.replace(target)
     return target
 
 
-def load_generated_queries(paths: RunPaths) -> torch.Tensor:
-    target = paths.queries_dir / "generated.safetensors"
-    if not target.exists():
+def load_generated_queries(paths: RunPaths) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(images in [-1, 1], class labels, class names) of the run's generated queries."""
+    target = paths.queries_dir / GENERATED_FILE
+    manifest = read_manifest(paths.queries_dir)
+    if not target.exists() or manifest is None:
         raise FileNotFoundError(
             f"no generated queries at {target}: run `python train.py` with generation on first"
         )
-    return load_file(str(target))["images"]
+    stored = load_file(str(target))
+    return stored["images"], stored["labels"], list(manifest["class_names"])
+
+
+def stored_sampler(paths: RunPaths) -> SamplerSettings:
+    """The sampler settings a run's generated queries were made with (from their manifest)."""
+    manifest = read_manifest(paths.queries_dir)
+    if manifest is None:
+        raise FileNotFoundError(
+            f"no generated queries at {paths.queries_dir}: train the full model with generation on"
+        )
+    return SamplerSettings(**{key: manifest[key] for key in SamplerSettings.__dataclass_fields__})

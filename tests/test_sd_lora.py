@@ -25,7 +25,7 @@ from das_lightning.loggers import LoggerSettings
 from das_lightning.manifest import ManifestMismatchError, hash_file
 from das_lightning.models.adapters import dataset_extra
 from das_lightning.models.ddpm import OptimizerSettings
-from das_lightning.models.latent import LatentDiffusionModule, cached_latents, load_vae
+from das_lightning.models.latent import cached_latents, load_vae
 from das_lightning.models.sd_lora import (
     LORA_PARAMETER_PATTERN,
     LORA_WEIGHTS_NAME,
@@ -38,7 +38,6 @@ from das_lightning.models.sd_lora import (
     load_stable_diffusion,
     load_trained_lora,
 )
-from das_lightning.models.unet import build_unet
 from das_lightning.paths import RunPaths
 from das_lightning.queries import validation_queries
 from das_lightning.training import (
@@ -46,6 +45,7 @@ from das_lightning.training import (
     SubsetSettings,
     TrainerSettings,
     TrainSettings,
+    load_generated_queries,
     load_unet,
     train_model,
 )
@@ -150,7 +150,7 @@ def test_lora_training_lowers_loss_and_changes_only_lora_weights(
     conditioning = trained.text_conditioning()
     rows = torch.from_numpy(subset)
     labels = torch.from_numpy(latents.labels[subset])
-    args = (latents.latents[rows], labels, conditioning, trained.alphas_cumprod, latents.set_name)
+    args = (latents.tensors[rows], labels, conditioning, trained.alphas_cumprod, latents.set_name)
     before, after = _mean_loss(base.unet, *args), _mean_loss(trained.parts.unet, *args)
     assert after < 0.9 * before, (before, after)
     # load_unet (what the attribution stage calls) rebuilds the same adapted UNet
@@ -184,7 +184,7 @@ def test_lora_features_have_the_adapter_size_and_match_the_reference_loop(
     assert trainable.parameter_names == gradients.parameter_names
 
     indices = [0, 3, 9]
-    batch = {"image": latents.latents[indices], "label": torch.from_numpy(latents.labels[indices])}
+    batch = {"image": latents.tensors[indices], "label": torch.from_numpy(latents.labels[indices])}
     extra = trained.text_conditioning()(batch)
     fast = gradients.flat_gradients(batch["image"], indices, latents.set_name, extra)
     slow = reference_flat_gradients(
@@ -258,7 +258,7 @@ def test_latent_cache_refuses_another_vae(pipeline_folder: Path, artbench_root: 
     vae = load_vae(str(pipeline_folder))
     first = cached_latents(vae, dataset, tmp_path / "cache")
     again = cached_latents(vae, dataset, tmp_path / "cache")
-    assert torch.equal(first.latents, again.latents)
+    assert torch.equal(first.tensors, again.tensors)
     assert first[5]["image"].shape == (4, IMAGE_SIZE // 2, IMAGE_SIZE // 2)
     assert first[5]["label"] == dataset[5]["label"]
 
@@ -267,30 +267,6 @@ def test_latent_cache_refuses_another_vae(pipeline_folder: Path, artbench_root: 
         next(other_vae.parameters()).add_(0.01)
     with pytest.raises(ManifestMismatchError, match="vae"):
         cached_latents(other_vae, dataset, tmp_path / "cache")
-
-
-def test_latent_diffusion_trains_on_cached_latents(
-    pipeline_folder: Path, artbench_root: Path, tmp_path: Path
-) -> None:
-    unet = build_unet("tiny", sample_size=IMAGE_SIZE // 2, channels=4, num_class_embeds=len(STYLES))
-    paths = RunPaths(tmp_path / "outputs", "artbench2", "ldm", "full", 0)
-    train_model(
-        paths=paths,
-        unet_factory=lambda: unet,
-        train_set=_train_set(artbench_root),
-        subset=SubsetSettings(),
-        seed=0,
-        train=TrainSettings(batch_size=8, max_steps=3, random_flip=False),
-        trainer_settings=TrainerSettings(enable_progress_bar=False),
-        logger_settings=LoggerSettings(kind="none"),
-        generation=GenerationSettings(num_images=0),
-        config={},
-        module_class=LatentDiffusionModule,
-        module_kwargs={"vae_pretrained": str(pipeline_folder), "latent_cache_dir": str(tmp_path / "latents")},
-    )
-    assert (tmp_path / "latents" / "latents.safetensors").exists()
-    trained = load_unet(paths)
-    assert trained.config.in_channels == 4 and trained.config.num_class_embeds == len(STYLES)
 
 
 def _compose_experiment(pipeline_folder: Path, tmp_path: Path):
@@ -328,27 +304,6 @@ def test_artbench2_lds_experiment_sets_the_paper_lora_recipe(pipeline_folder: Pa
     assert (cfg.train.optimizer.lr, cfg.train.max_steps, cfg.generate.num_images) == (3e-4, 4000, 0)
 
 
-def test_lora_models_refuse_to_generate_queries(
-    pipeline_folder: Path, artbench_root: Path, tmp_path: Path
-) -> None:
-    with pytest.raises(ValueError, match=r"generate\.num_images=0"):
-        train_model(
-            paths=RunPaths(tmp_path, "artbench2", "sd_lora", "full", 0),
-            unet_factory=lambda: load_pretrained_unet(str(pipeline_folder)),
-            train_set=_train_set(artbench_root),
-            subset=SubsetSettings(),
-            seed=0,
-            train=TrainSettings(batch_size=8, max_steps=1),
-            trainer_settings=TrainerSettings(enable_progress_bar=False),
-            logger_settings=LoggerSettings(kind="none"),
-            generation=GenerationSettings(num_images=2),
-            config={},
-            module_class=StableDiffusionLoRAModule,
-            module_kwargs={"pretrained": str(pipeline_folder), "rank": 4},
-        )
-    assert not (tmp_path / "artbench2").exists()  # refused before anything was written
-
-
 def test_conditioned_ground_truth_pairs_each_query_with_its_own_conditioning(
     trained_lora: RunPaths, artbench_root: Path, tmp_path: Path
 ) -> None:
@@ -356,7 +311,7 @@ def test_conditioned_ground_truth_pairs_each_query_with_its_own_conditioning(
     latents = model.model_space(_train_set(artbench_root))
     latents = latents.take(np.array([0, 1, 8, 9, 2, 10]), latents.set_name)  # both classes, interleaved
     extra = dataset_extra(model.extra_inputs, latents)
-    images, indices = latents.latents, list(range(len(latents)))
+    images, indices = latents.tensors, list(range(len(latents)))
 
     def losses(batch_size: int, conditioning: dict[str, torch.Tensor] | None) -> torch.Tensor:
         return query_losses(
@@ -472,7 +427,7 @@ def test_train_attribute_and_lds_run_end_to_end_on_a_lora_pipeline(
     direct = query_losses(
         model.network,
         model.alphas_cumprod,
-        queries.latents,
+        queries.tensors,
         list(range(4)),
         queries.set_name,
         range(0, 1000, 500),
@@ -480,3 +435,128 @@ def test_train_attribute_and_lds_run_end_to_end_on_a_lora_pipeline(
         extra=dataset_extra(model.extra_inputs, queries),
     )
     torch.testing.assert_close(load_file(str(cached))["loss"], direct, rtol=1e-5, atol=1e-7)
+
+
+def _generated_set_is_conditioned_and_decoded(paths: RunPaths, count: int) -> None:
+    images, labels, class_names = load_generated_queries(paths)
+    assert class_names == list(STYLES)
+    assert labels.tolist() == [
+        i % len(STYLES) for i in range(count)
+    ]  # image j is conditioned on class j mod 2
+    assert images.shape == (count, 3, IMAGE_SIZE, IMAGE_SIZE)  # decoded by the VAE, not latents
+    assert images.abs().max() <= 1.0 and not torch.allclose(images[0], images[1])
+
+
+def test_lora_pipeline_generates_conditioned_queries_and_attributes_them_along_their_journey(
+    pipeline_folder: Path, split_artbench_root: Path, tmp_path: Path
+) -> None:
+    experiment = _experiment(pipeline_folder, split_artbench_root, tmp_path / "outputs")
+    queries = ["queries.num_generated=4"]
+    recipe = [
+        "model.module_kwargs.rank=4",
+        "model.module_kwargs.frozen_dtype=float32",
+        "train.batch_size=4",
+        "train.max_steps=2",
+        "train.snapshot_every_n_steps=1",
+        "generate.num_images=4",
+        "generate.sampler.num_inference_steps=3",
+    ]
+    full = cli.run_train(compose("train", [*experiment, *recipe]))
+    _generated_set_is_conditioned_and_decoded(full, 4)
+
+    # TracIn snapshots of a LoRA run keep the adapters only, and TracIn scores run on them
+    snapshots = sorted(full.snapshots_dir.glob("step*/diffusion_pytorch_model.safetensors"))
+    assert len(snapshots) == 2
+    trained = load_trained_lora(full.unet_dir)
+    lora_names = {name for name, _ in trained.parts.unet.named_parameters() if LORA_PARAMETER_PATTERN in name}
+    assert set(load_file(str(snapshots[0]))) == lora_names
+
+    small_features = [
+        "method.features.projector_dim=16",
+        "method.features.num_timesteps=2",
+        "method.features.batch_size=8",
+    ]
+    for method in ("journey_trak", "tracin"):
+        # journeys exist for generated images only
+        overrides = [*experiment, *queries, f"method={method}", *small_features, "queries.sets=[generated]"]
+        if method == "journey_trak":
+            overrides.append("method.journey_steps=2")
+        result = cli.run_attribute(compose("attribute", overrides))
+        scores, manifest = load_scores(result.folders["generated"])
+        assert scores.shape[1:] == (4, 8) and np.isfinite(scores).all()
+        assert np.abs(scores).max() > 0
+
+
+def test_latent_diffusion_generates_attributes_and_evaluates_on_one_latent_cache(
+    pipeline_folder: Path, split_artbench_root: Path, tmp_path: Path
+) -> None:
+    from das_lightning.attribution.journey import predicted_clean_steps
+    from das_lightning.models.latent import LatentDiffusionAdapter
+
+    common = [
+        "model=ldm",
+        f"model.vae={pipeline_folder}",
+        "model.unet.preset=tiny",
+        f"model.unet.sample_size={IMAGE_SIZE // 2}",
+        f"model.unet.num_class_embeds={len(STYLES)}",
+        "dataset=artbench2",
+        f"dataset.root={split_artbench_root}",
+        f"dataset.image_size={IMAGE_SIZE}",
+        "trainer=cpu",
+        "trainer.enable_progress_bar=false",
+        "logger=none",
+        f"paths.root={tmp_path / 'outputs'}",
+    ]
+    queries = ["queries.num_val=4", "queries.num_generated=4"]
+    recipe = ["train.batch_size=4", "train.max_steps=2", "train.random_flip=false"]
+    generation = ["generate.num_images=4", "generate.sampler.num_inference_steps=3"]
+    full = cli.run_train(compose("train", [*common, *recipe, *generation]))
+    for index in (0, 1):
+        cli.run_train(compose("train", [*common, *recipe, "subset=lds", f"subset.index={index}"]))
+    _generated_set_is_conditioned_and_decoded(full, 4)
+    train_cache = next(full.latents_dir.glob("*train*/latents.safetensors"))
+    written = train_cache.stat().st_mtime_ns
+
+    # replaying the trajectory reproduces the generated images: at DDIM's last step x_0-hat is the sample itself
+    model = LatentDiffusionAdapter(str(pipeline_folder)).load(full.unet_dir, full.latents_dir)
+    steps = predicted_clean_steps(model, full, 4, 3)
+    images, _, _ = load_generated_queries(full)
+    torch.testing.assert_close(model.decode(steps[-1][1]).clamp(-1, 1), images, atol=1e-4, rtol=0)
+
+    features = [
+        "method.features.projector_dim=16",
+        "method.features.num_timesteps=2",
+        "method.residual_timesteps=2",
+    ]
+    cli.run_attribute(compose("attribute", [*common, *queries, "method=das", *features]))
+    journey = [
+        *common,
+        *queries,
+        "method=journey_trak",
+        *features[:2],
+        "method.journey_steps=2",
+        "queries.sets=[generated]",
+    ]
+    scores, _ = load_scores(cli.run_attribute(compose("attribute", journey)).folders["generated"])
+    assert np.isfinite(scores).all() and np.abs(scores).max() > 0
+    cli.run_lds(
+        compose(
+            "evaluate_lds",
+            [
+                *common,
+                *queries,
+                "methods=[das]",
+                "pairs=[]",
+                "lds.num_subsets=2",
+                "lds.timestep_stride=500",
+                "lds.e_seeds=[0]",
+                "lds.num_resamples=20",
+            ],
+        )
+    )
+    records = json.loads((full.lds_dir / "lds.json").read_text())["records"]
+    assert {record["query_set"] for record in records} == {"val", "generated"}
+    # training's latents of the training set are the ones attribution and the ground truth read: encoded once
+    assert train_cache.stat().st_mtime_ns == written
+    # one cache per image set: the training set and the two query sets
+    assert len(list(full.latents_dir.glob("*/latents.safetensors"))) == 3

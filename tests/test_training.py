@@ -14,6 +14,7 @@ from diffusers import UNet2DModel
 from das_lightning.data import build_dataset
 from das_lightning.data.datamodule import DiffusionDataModule
 from das_lightning.diffusion import make_scheduler, per_sample_loss, rule_noise
+from das_lightning.models.adapters import MeasuredModel
 from das_lightning.models.ddpm import DiffusionModule, OptimizerSettings
 from das_lightning.models.sampling import SamplerSettings, ddim_sample
 from das_lightning.models.unet import build_unet
@@ -64,11 +65,11 @@ def test_save_pretrained_round_trip_gives_identical_outputs(tmp_path: Path) -> N
 
 def test_generation_does_not_depend_on_batch_size_or_range() -> None:
     torch.manual_seed(2)
-    unet = build_unet("tiny", 8, 1)
+    model = MeasuredModel(build_unet("tiny", 8, 1), make_scheduler().alphas_cumprod, Path("unused"))
     settings = SamplerSettings(num_inference_steps=3, seed=7)
-    together = ddim_sample(unet, 5, settings, batch_size=5)
-    split = ddim_sample(unet, 5, settings, batch_size=2)
-    alone = ddim_sample(unet, 1, settings, first_index=3)
+    together = ddim_sample(model, 5, settings, batch_size=5).images
+    split = ddim_sample(model, 5, settings, batch_size=2).images
+    alone = ddim_sample(model, 1, settings, first_index=3).images
     torch.testing.assert_close(together, split, atol=1e-5, rtol=0)
     torch.testing.assert_close(together[3:4], alone, atol=1e-5, rtol=0)
     assert not torch.allclose(together[0], together[1])  # one seed per image, not one for all

@@ -4,37 +4,45 @@ from __future__ import annotations
 
 import torch
 
-from das_lightning.diffusion import make_scheduler
-from das_lightning.manifest import read_manifest
-from das_lightning.models.sampling import SamplerSettings, ddim_sample
+from das_lightning.models.adapters import MeasuredModel
+from das_lightning.models.sampling import conditioning, ddim_sample
 from das_lightning.paths import RunPaths
+from das_lightning.training import stored_sampler
 
 
 def predicted_clean_steps(
-    unet: torch.nn.Module, paths: RunPaths, num_queries: int, num_steps: int
+    model: MeasuredModel, paths: RunPaths, num_queries: int, num_steps: int, batch_size: int = 64
 ) -> list[tuple[int, torch.Tensor]]:
     """For ``num_steps`` evenly spaced denoising steps: (t, predicted x_0 of every query at that step).
 
     The trajectory is replayed from the settings stored with the generated set, so step states belong to exactly
-    the images that were attributed. Each step's query feature is then the loss gradient at (x0_hat_t, t).
+    the images that were attributed, each conditioned as when it was generated. The states are in the network's
+    space (pixels, or latents of a latent model); each step's query feature is the loss gradient at (x0_hat_t, t).
     """
-    manifest = read_manifest(paths.queries_dir)
-    if manifest is None:
-        raise FileNotFoundError(
-            f"no generated queries at {paths.queries_dir}: train the full model with generation on"
-        )
-    sampler = SamplerSettings(**{key: manifest[key] for key in SamplerSettings.__dataclass_fields__})
-    _, visited = ddim_sample(unet, num_queries, sampler, trajectory=True)
-    alphas_cumprod = make_scheduler().alphas_cumprod
+    device = next(model.network.parameters()).device
+    generated = ddim_sample(
+        model, num_queries, stored_sampler(paths), batch_size=batch_size, device=device, trajectory=True
+    )
+    extra = {key: value.to(device) for key, value in conditioning(model, generated.labels.to(device)).items()}
+    alphas_cumprod = model.alphas_cumprod.to(device)
+    visited = generated.trajectory
     chosen = (
         torch.linspace(0, len(visited) - 1, min(num_steps, len(visited))).round().long().unique().tolist()
     )
     steps = []
     with torch.no_grad():
         for position in chosen:
-            timestep, state = visited[position]
-            predicted_noise = unet(state, torch.full((state.shape[0],), timestep)).sample
+            timestep, states = visited[position]
             abar = alphas_cumprod[timestep]
-            predicted_clean = (state - (1 - abar).sqrt() * predicted_noise) / abar.sqrt()
-            steps.append((timestep, predicted_clean.clamp(-1, 1)))
+            predicted = []
+            for start in range(0, len(states), batch_size):
+                state = states[start : start + batch_size].to(device)
+                rows = {key: value[start : start + batch_size] for key, value in extra.items()}
+                steps_in = torch.full((state.shape[0],), timestep, device=device)
+                predicted_noise = model.network(state, steps_in, **rows).sample.float()
+                predicted.append(((state - (1 - abar).sqrt() * predicted_noise) / abar.sqrt()).cpu())
+            predicted_clean = torch.cat(predicted)
+            if model.decode is None:  # pixels live in [-1, 1]; latents have no such bound
+                predicted_clean = predicted_clean.clamp(-1, 1)
+            steps.append((timestep, predicted_clean))
     return steps

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from das_lightning.attribution import scores as scoring
 from das_lightning.attribution.features import CollectionDevice, FeatureSettings, collect_features
 from das_lightning.attribution.store import FeatureStore
-from das_lightning.data import ImageDataset, TensorImageDataset
+from das_lightning.data import ImageDataset, ModelSpaceDataset
 from das_lightning.distributed import is_global_zero
 from das_lightning.manifest import (
     atomic_write_text,
@@ -348,8 +348,12 @@ def _tracin_scores(context: _Context, query_set: str) -> dict[float, np.ndarray]
 
 
 def _copy_with_weights(unet: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of ``unet`` with a snapshot's weights (all of them, or a LoRA run's adapters); every snapshot
+    tensor must land on a parameter of the UNet."""
     clone = copy.deepcopy(unet)
-    clone.load_state_dict(state)
+    result = clone.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"snapshot weights do not fit the model: unexpected {result.unexpected_keys[:5]}")
     return clone
 
 
@@ -370,12 +374,9 @@ def _journey_scores(context: _Context, query_set: str) -> dict[float, np.ndarray
             }
         )
         dataset = inputs.query_sets[query_set]
-        state = TensorImageDataset(
-            f"{dataset.set_name}:journey-t{timestep}",
-            ((predicted_clean.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8),
-            dataset.labels,
-            dataset.class_names,
-            dataset.image_size,
+        # already in the network's space (pixels, or latents of a latent model): no encoding on the way in
+        state = ModelSpaceDataset(
+            f"{dataset.set_name}:journey-t{timestep}", predicted_clean, dataset.labels, dataset.class_names
         )
         steps.append(
             _feature_store(

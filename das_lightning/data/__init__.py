@@ -4,6 +4,7 @@ from das_lightning.data.base import (
     DatasetNotFoundError,
     FileImageDataset,
     ImageDataset,
+    ModelSpaceDataset,
     Sample,
     TensorImageDataset,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "FileImageDataset",
     "HorizontalFlipDataset",
     "ImageDataset",
+    "ModelSpaceDataset",
     "Sample",
     "TensorImageDataset",
     "build_dataset",

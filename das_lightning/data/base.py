@@ -144,6 +144,39 @@ class TensorImageDataset(ImageDataset):
         )
 
 
+class ModelSpaceDataset(ImageDataset):
+    """Float tensors the network denoises directly, standing in for the images of another set: VAE latents of a
+    latent model, or predicted clean samples along a sampling trajectory (Journey-TRAK). ``sample["image"]`` is the
+    tensor (C, h, w) as stored, not an image in [-1, 1].
+
+    It keeps the source's ``set_name`` and indices: row i stands for image i, so the noise rule gives it the same
+    identity in features and in the LDS ground truth.
+    """
+
+    def __init__(self, set_name: str, tensors: torch.Tensor, labels: np.ndarray, class_names: Sequence[str]):
+        if tensors.dim() != 4 or tensors.shape[-1] != tensors.shape[-2]:
+            raise ValueError(f"tensors must be square (N, C, h, h), got {tuple(tensors.shape)}")
+        if tensors.shape[0] != len(labels):
+            raise ValueError(f"{tensors.shape[0]} tensors but {len(labels)} labels")
+        super().__init__(
+            set_name, labels, class_names, channels=tensors.shape[1], image_size=tensors.shape[-1]
+        )
+        self.tensors = tensors.float()
+
+    def __getitem__(self, index: int) -> Sample:
+        index = int(index)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {self.set_name} of {len(self)} rows")
+        index %= len(self)
+        return {"index": index, "image": self.tensors[index], "label": int(self.labels[index])}
+
+    def take(self, indices: np.ndarray, set_name: str) -> ModelSpaceDataset:
+        indices = np.asarray(indices, dtype=np.int64)
+        return ModelSpaceDataset(
+            set_name, self.tensors[torch.from_numpy(indices)], self.labels[indices], self.class_names
+        )
+
+
 class FileImageDataset(ImageDataset):
     """Images decoded from files with PIL on every access, for datasets too large to hold in memory.
 

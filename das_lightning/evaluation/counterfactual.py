@@ -14,11 +14,12 @@ import torch
 
 from das_lightning.attribution.pipeline import clip_image_embeddings, load_local_clip, load_scores
 from das_lightning.data import ImageDataset
-from das_lightning.manifest import atomic_write_text, read_manifest
-from das_lightning.models.sampling import SamplerSettings, ddim_sample
+from das_lightning.manifest import atomic_write_text
+from das_lightning.models.adapters import ModelAdapter
+from das_lightning.models.sampling import ddim_sample
 from das_lightning.paths import RunPaths
 from das_lightning.seeding import derive_seed
-from das_lightning.training import SubsetSettings, load_generated_queries, load_unet
+from das_lightning.training import SubsetSettings, load_generated_queries, require_finished, stored_sampler
 
 
 @dataclass
@@ -59,16 +60,19 @@ def counterfactual(
     train_set: ImageDataset,
     settings: CounterfactualSettings,
     retrain: Callable[[RunPaths, SubsetSettings], RunPaths],
+    adapter: ModelAdapter | None = None,
 ) -> CounterfactualResult:
-    """Retrain without each query's top-k (and k random) images; pixel L2 between old and new image j."""
+    """Retrain without each query's top-k (and k random) images; pixel L2 between old and new image j.
+
+    ``adapter`` loads the retrained models for regeneration (default: pixel DDPM; see ``model.adapter``)."""
     folder = paths.scores_dir / settings.method / "generated"
     stacked, manifest = load_scores(folder)
     picture_lambda = json.loads((folder / "topk.json").read_text())["lambda"]
     lambdas = manifest["lambdas"]
     scores = np.asarray(stacked[lambdas.index(picture_lambda)] if picture_lambda in lambdas else stacked[0])
-    originals = load_generated_queries(paths)
-    sampler_manifest = read_manifest(paths.queries_dir)
-    sampler = SamplerSettings(**{key: sampler_manifest[key] for key in SamplerSettings.__dataclass_fields__})
+    originals, _, _ = load_generated_queries(paths)
+    adapter = adapter or ModelAdapter()
+    sampler = stored_sampler(paths)
     count = min(settings.num_queries, len(scores))
     removals = removal_sets(scores, count, settings.remove_top, len(train_set))
     distances: dict[str, list[float]] = {"top": [], "random": []}
@@ -81,7 +85,9 @@ def counterfactual(
             )
             # same seed as the full model: the removed images are the only difference
             retrain(run, SubsetSettings(kind="custom", indices=keep.tolist(), seed_tag=paths.tag))
-            regenerated = ddim_sample(load_unet(run), 1, sampler, first_index=query)[0]
+            require_finished(run)
+            model = adapter.load(run.unet_dir, run.latents_dir)
+            regenerated = ddim_sample(model, 1, sampler, first_index=query).images[0]
             distances[variant].append(float(torch.linalg.vector_norm(regenerated - originals[query])))
             regenerated_images[variant].append(regenerated)
     result = CounterfactualResult(

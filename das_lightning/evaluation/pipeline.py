@@ -122,7 +122,7 @@ def model_losses(
 
     def compute() -> torch.Tensor:
         require_finished(run)
-        model = adapter.load(run.unet_dir, run.experiment_dir / "latents")
+        model = adapter.load(run.unet_dir, run.latents_dir)
         inputs = model.model_space(queries)  # same set name and indices: same rule noise as the features
         module = GroundTruthModule(
             model.network,

@@ -9,7 +9,7 @@ evaluate_lds.py never branch on model names.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +25,41 @@ ExtraInputs = Callable[[Mapping[str, Any]], Mapping[str, torch.Tensor]]
 Encoder = Callable[[ImageDataset], ImageDataset]
 
 
+def _pixel_schedule() -> dict[str, Any]:
+    return dict(make_scheduler().config)
+
+
 @dataclass
 class MeasuredModel:
-    """A trained network and what it needs to be measured on a dataset."""
+    """A trained network and what it needs to be measured on a dataset, and to generate from.
+
+    ``num_classes`` > 0 means the network is conditioned on a class (a class embedding, or the class's prompt):
+    generated image j then belongs to class j mod num_classes, and ``extra_inputs`` of its label condition it.
+    """
 
     network: torch.nn.Module
     alphas_cumprod: torch.Tensor  # the schedule the network was trained with
-    weights_file: Path  # hashed into feature, score and ground-truth manifests
+    weights_file: Path  # hashed into feature, score, ground-truth and generated-query manifests
     extra_inputs: ExtraInputs | None = None
     encode: Encoder | None = (
         None  # images -> what the network denoises (latents); None: the images themselves
     )
+    scheduler_config: Mapping[str, Any] = field(
+        default_factory=_pixel_schedule
+    )  # what DDIM sampling is built from
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # sampled latents -> images in [-1, 1]
+    num_classes: int = 0
 
     def model_space(self, dataset: ImageDataset) -> ImageDataset:
         """``dataset`` as the network sees it, with the same set name and indices (so the same rule noise)."""
         return self.encode(dataset) if self.encode is not None else dataset
+
+    def to(self, device: torch.device | str) -> MeasuredModel:
+        """Move the network and the encoder/decoder's weights (a VAE) to ``device``."""
+        self.network.to(device)
+        if hasattr(self.encode, "to"):
+            self.encode.to(device)
+        return self
 
 
 def dataset_extra(extra_inputs: ExtraInputs | None, dataset: ImageDataset) -> dict[str, torch.Tensor] | None:

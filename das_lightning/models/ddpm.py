@@ -8,7 +8,7 @@ import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
@@ -64,9 +64,6 @@ class DiffusionModule(L.LightningModule):
     Training noise comes from a generator owned by the module (seeded from ``seed`` and the rank, saved in
     checkpoints), not from the noise rule: the noise rule is for measuring, training needs fresh noise.
     """
-
-    # whether DDIM sampling of the saved network gives query images (pixel-space, unconditioned UNet)
-    generates_queries: ClassVar[bool] = True
 
     def __init__(self, unet: torch.nn.Module, optimizer: OptimizerSettings, seed: int = 0):
         super().__init__()
@@ -166,6 +163,13 @@ class DiffusionModule(L.LightningModule):
     def save_trained(self, folder: str) -> None:
         """Write the weights users load (diffusers format, safetensors)."""
         self.sampling_unet.save_pretrained(folder, safe_serialization=True)
+
+    def snapshot_state(self) -> dict[str, torch.Tensor]:
+        """The weights a TracIn snapshot keeps: those training changes (all of the UNet here), on the CPU."""
+        return {
+            name: tensor.detach().cpu().contiguous()
+            for name, tensor in self.sampling_unet.state_dict().items()
+        }
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -16,14 +16,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from das_lightning.data import ImageDataset
-from das_lightning.data.base import Sample
+from das_lightning.data import ImageDataset, ModelSpaceDataset
 from das_lightning.diffusion import make_scheduler
 from das_lightning.manifest import check_or_write_manifest, hash_array
 from das_lightning.models.adapters import MeasuredModel, ModelAdapter, latent_cache_folder
@@ -66,44 +64,13 @@ def vae_identity(vae: torch.nn.Module) -> dict[str, Any]:
     return {"class": type(vae).__name__, "config": config, "weights_sha256": digest.hexdigest()[:32]}
 
 
-class LatentDataset(ImageDataset):
-    """Cached latents standing in for the images of another dataset: ``sample["image"]`` is a latent (C, h, w).
-
-    It keeps the source's ``set_name`` and indices: latent i is image i, so the noise rule gives it the same
-    identity in features and in the LDS ground truth (both on latents).
-    """
-
-    def __init__(self, set_name: str, latents: torch.Tensor, labels: np.ndarray, class_names: list[str]):
-        if latents.shape[-1] != latents.shape[-2]:
-            raise ValueError(f"latents must be square, got {tuple(latents.shape)}")
-        super().__init__(
-            set_name, labels, class_names, channels=latents.shape[1], image_size=latents.shape[-1]
-        )
-        self.latents = latents.float()
-
-    @override
-    def __getitem__(self, index: int) -> Sample:
-        index = int(index)
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {self.set_name} of {len(self)} latents")
-        index %= len(self)
-        return {"index": index, "image": self.latents[index], "label": int(self.labels[index])}
-
-    @override
-    def take(self, indices: np.ndarray, set_name: str) -> LatentDataset:
-        indices = np.asarray(indices, dtype=np.int64)
-        return LatentDataset(
-            set_name, self.latents[torch.from_numpy(indices)], self.labels[indices], self.class_names
-        )
-
-
 def cached_latents(
     vae: torch.nn.Module,
     dataset: ImageDataset,
     folder: Path,
     batch_size: int = 32,
     num_workers: int = 0,
-) -> LatentDataset:
+) -> ModelSpaceDataset:
     """The latents of every image of ``dataset``: read from ``folder`` when cached, else encoded once and saved.
 
     Raises:
@@ -134,7 +101,7 @@ def cached_latents(
         partial = folder / f"{LATENTS_FILE}.tmp"
         save_file({"latents": latents.contiguous()}, str(partial))
         partial.replace(target)  # a reader never sees half a cache
-    return LatentDataset(dataset.set_name, latents, dataset.labels, list(dataset.class_names))
+    return ModelSpaceDataset(dataset.set_name, latents, dataset.labels, list(dataset.class_names))
 
 
 def load_vae(pretrained: str, subfolder: str | None = "vae") -> torch.nn.Module:
@@ -147,18 +114,32 @@ def load_vae(pretrained: str, subfolder: str | None = "vae") -> torch.nn.Module:
 
 
 class LatentEncoder:
-    """Image set -> its cached latents under ``latents_dir`` (one folder per set, guarded by the VAE's identity)."""
+    """Image set -> its cached latents under ``latents_dir`` (one folder per set, guarded by the VAE's identity);
+    and back: :meth:`decode` turns sampled latents into images."""
 
     def __init__(self, vae: torch.nn.Module, latents_dir: Path, batch_size: int = 32):
         self.vae = vae
         self.latents_dir = Path(latents_dir)
         self.batch_size = batch_size
 
-    def __call__(self, dataset: ImageDataset) -> LatentDataset:
-        if isinstance(dataset, LatentDataset):
+    def __call__(self, dataset: ImageDataset) -> ModelSpaceDataset:
+        if isinstance(dataset, ModelSpaceDataset):
             return dataset
         folder = latent_cache_folder(self.latents_dir, dataset.set_name)
         return cached_latents(self.vae, dataset, folder, self.batch_size)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] (float32, on the latents' device) of scaled latents, ``batch_size`` at a time."""
+        return torch.cat(
+            [
+                decode_latents(self.vae, latents[start : start + self.batch_size]).to(latents.device)
+                for start in range(0, len(latents), self.batch_size)
+            ]
+        )
+
+    def to(self, device: torch.device | str) -> LatentEncoder:
+        self.vae.to(device)
+        return self
 
 
 def class_label_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -178,13 +159,19 @@ class LatentDiffusionAdapter(ModelAdapter):
     def load(self, unet_dir: Path, latents_dir: Path) -> MeasuredModel:
         network = load_trained_network(unet_dir)
         vae = load_vae(self.vae_pretrained, self.vae_subfolder)
-        conditional = bool(getattr(network.config, "num_class_embeds", None))
+        num_classes = int(getattr(network.config, "num_class_embeds", None) or 0)
+        encoder = LatentEncoder(vae, latents_dir, self.encode_batch_size)
+        schedule = make_scheduler()  # LatentDiffusionModule trains under the DDPM schedule
         return MeasuredModel(
             network,
-            make_scheduler().alphas_cumprod,  # LatentDiffusionModule trains under the DDPM schedule
+            schedule.alphas_cumprod,
             self.weights_file(unet_dir),
-            extra_inputs=class_label_inputs if conditional else None,
-            encode=LatentEncoder(vae, latents_dir, self.encode_batch_size),
+            extra_inputs=class_label_inputs if num_classes else None,
+            encode=encoder,
+            # latents are not confined to [-1, 1]: DDIM must not clip its x_0 estimates
+            scheduler_config={**schedule.config, "clip_sample": False},
+            decode=encoder.decode,
+            num_classes=num_classes,
         )
 
 
@@ -197,10 +184,12 @@ class LatentDiffusionModule(DiffusionModule):
             are the latent's (4 and image_size / 8 for the Stable Diffusion VAE).
         vae_pretrained, vae_subfolder: where the frozen VAE comes from (a pipeline folder with ``vae/``, or a
             standalone VAE with ``vae_subfolder=None``).
-        latent_cache_dir: where the training set's latents are cached (shared by every run using this VAE).
+        latents_dir: the experiment's latent cache (``RunPaths.latents_dir``): the training set's latents go in
+            its folder for that set, the same folder attribution and the LDS ground truth read.
         encode_batch_size: images per VAE call while filling the cache.
 
-    It cannot generate queries: :func:`~das_lightning.models.sampling.ddim_sample` would return latents.
+    Queries are generated in latent space and decoded by :class:`LatentDiffusionAdapter` (see
+    :func:`~das_lightning.models.sampling.ddim_sample`).
 
     Horizontal flips (``train.random_flip``) then mirror latents, which approximates the latent of the mirrored
     image; turn them off to train on exact latents.
@@ -213,14 +202,14 @@ class LatentDiffusionModule(DiffusionModule):
         seed: int = 0,
         *,
         vae_pretrained: str,
-        latent_cache_dir: str,
+        latents_dir: str,
         vae_subfolder: str | None = "vae",
         encode_batch_size: int = 32,
     ):
         super().__init__(unet, optimizer, seed)
         self.vae_pretrained = vae_pretrained
         self.vae_subfolder = vae_subfolder
-        self.latent_cache_dir = Path(latent_cache_dir)
+        self.latents_dir = Path(latents_dir)
         self.encode_batch_size = encode_batch_size
 
     @override
@@ -229,7 +218,8 @@ class LatentDiffusionModule(DiffusionModule):
         vae = load_vae(self.vae_pretrained, self.vae_subfolder)
         if torch.cuda.is_available():
             vae = vae.to("cuda")
-        return cached_latents(vae, dataset, self.latent_cache_dir, self.encode_batch_size)
+        folder = latent_cache_folder(self.latents_dir, dataset.set_name)
+        return cached_latents(vae, dataset, folder, self.encode_batch_size)
 
     @override
     def model_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -18,7 +18,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -202,9 +202,6 @@ class StableDiffusionLoRAModule(DiffusionModule):
         class_names: the class of each label; normally filled from the training set by :meth:`prepare_training_set`.
     """
 
-    # queries are validation images (METHOD.md §4); DDIM sampling here is for unconditioned pixel UNets
-    generates_queries: ClassVar[bool] = False
-
     def __init__(
         self,
         unet: torch.nn.Module,
@@ -302,6 +299,15 @@ class StableDiffusionLoRAModule(DiffusionModule):
         write_trained_loader(target, f"{__name__}:load_trained_unet")
 
     @override
+    def snapshot_state(self) -> dict[str, torch.Tensor]:
+        """The adapters only, under the UNet's own names: the frozen weights are the pretrained pipeline's."""
+        return {
+            name: tensor
+            for name, tensor in super().snapshot_state().items()
+            if LORA_PARAMETER_PATTERN in name
+        }
+
+    @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["state_dict"] = {
@@ -379,10 +385,14 @@ class LoRAAdapter(ModelAdapter):
     @override
     def load(self, unet_dir: Path, latents_dir: Path) -> MeasuredModel:
         trained = load_trained_lora(unet_dir)
+        encoder = LatentEncoder(trained.parts.vae, latents_dir, self.encode_batch_size)
         return MeasuredModel(
             trained.parts.unet,
             trained.alphas_cumprod.clone(),
             self.weights_file(unet_dir),
             extra_inputs=trained.text_conditioning(),
-            encode=LatentEncoder(trained.parts.vae, latents_dir, self.encode_batch_size),
+            encode=encoder,
+            scheduler_config=dict(trained.parts.scheduler.config),  # the pipeline's own schedule and offsets
+            decode=encoder.decode,
+            num_classes=len(trained.class_names),
         )
