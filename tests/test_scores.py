@@ -259,3 +259,31 @@ def test_registry_covers_every_method():
     }  # fmt: skip
     assert set(SCORERS) == expected
     assert KERNEL_METHODS <= set(SCORERS)
+
+
+def _kernel_form(train: np.ndarray) -> KernelSolver:
+    kernel = torch.from_numpy(train.T @ train)
+    eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (kernel + kernel.T))
+    return KernelSolver(eigenvalues, eigenvectors, num_samples=len(train))
+
+
+def test_more_dimensions_than_samples_uses_the_gram_form_with_the_same_results() -> None:
+    rng = np.random.default_rng(5)
+    # rank-deficient on purpose: 12 rows spanning 9 directions of a 60-dimensional space
+    train = rng.normal(size=(12, 9)) @ rng.normal(size=(9, 60))
+    queries = rng.normal(size=(4, 60))  # mostly outside the rows' span
+    gram, kernel = KernelSolver.from_features(train), _kernel_form(train)
+    assert (gram.dim, gram.rank) == (60, 9) and kernel.rank == 60
+    for lam in (0.01, 1.0, 300.0):
+        exact_inverse = inverse_kernel(train, lam)
+        np.testing.assert_allclose(
+            gram.solve(queries, lam).numpy(), queries @ exact_inverse, rtol=1e-7, atol=1e-10
+        )
+        np.testing.assert_allclose(gram.leverages(train, lam), kernel.leverages(train, lam), rtol=1e-8)
+        np.testing.assert_allclose(gram.inverse_mean_abs(lam), np.abs(exact_inverse).mean(), rtol=1e-8)
+        for method in ("trak", "das", "relatif"):
+            by_gram = scores_for_lambdas(method, queries, train, [lam], solver=gram)[lam]
+            by_kernel = scores_for_lambdas(method, queries, train, [lam], solver=kernel)[lam]
+            np.testing.assert_allclose(by_gram, by_kernel, rtol=1e-4, atol=1e-6 * np.abs(by_kernel).max())
+    with pytest.raises(ValueError, match="lambda = 0"):
+        gram.inverse_spectrum(0.0)

@@ -86,14 +86,17 @@ class _RowNormalized:
 class KernelSolver:
     """The factorised kernel K = Phi^T Phi = V diag(s) V^T of a set of train features.
 
-    Build it once per feature set (:meth:`from_features`) and pass it to every kernel scorer and every lambda:
-    the eigendecomposition is the only O(k^3) step.
+    Build it once per feature set (:meth:`from_features`) and pass it to every kernel scorer and every lambda: the
+    eigendecomposition is the only cubic step. With more feature dimensions than training samples (k > N, e.g. the
+    paper's k = 32768 for N = 5000) it is made from the N x N Gram matrix Phi Phi^T instead of the k x k kernel, and
+    V keeps only the r <= N directions the rows span: every train row lies in that span, so scores and leverages
+    are exact, and :meth:`solve` adds the 1/lambda term of the directions outside it.
     """
 
     def __init__(self, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, num_samples: int):
         # K is positive semi-definite; eigh can return -1e-13 for zero modes, which would make h_ii < 0
         self.eigenvalues = eigenvalues.to(torch.float64).clamp_min(0.0)
-        self.eigenvectors = eigenvectors.to(torch.float64)
+        self.eigenvectors = eigenvectors.to(torch.float64)  # k x r, orthonormal columns
         self.num_samples = num_samples
         self._inverse_mean_abs: dict[float, float] = {}
 
@@ -112,22 +115,52 @@ class KernelSolver:
     def from_features(
         cls, train_features: RowSliceable, block_size: int = DEFAULT_BLOCK_SIZE
     ) -> KernelSolver:
-        """Accumulate K from the train features and factorise it."""
+        """Factorise K of the train features: through the k x k kernel, or the N x N Gram matrix when N < k."""
+        num_samples = len(train_features)
+        if num_samples == 0:
+            raise ValueError("train_features has no rows")
+        if num_samples < int(np.shape(train_features[0:1])[1]):
+            return cls.from_gram(train_features)
         kernel = cls.accumulate_kernel(train_features, block_size)
         # symmetrise: summation order leaves K asymmetric in the last bits, and eigh reads one triangle only
         kernel = 0.5 * (kernel + kernel.T)
         eigenvalues, eigenvectors = torch.linalg.eigh(kernel)
-        return cls(eigenvalues, eigenvectors, num_samples=len(train_features))
+        return cls(eigenvalues, eigenvectors, num_samples=num_samples)
+
+    @classmethod
+    def from_gram(cls, train_features: RowSliceable) -> KernelSolver:
+        """Factorise K through G = Phi Phi^T = U diag(s) U^T: K's nonzero eigenvalues are s, its eigenvectors
+        V = Phi^T U diag(s)^-1/2. Memory N x k for Phi (less than the k x k kernel when N < k) plus N x N."""
+        features = _read_all(train_features)
+        gram = features @ features.T
+        eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (gram + gram.T))
+        # directions with s at rounding level carry no train row; dividing by their sqrt would amplify noise
+        keep = (
+            eigenvalues
+            > eigenvalues.max().clamp_min(0.0) * eigenvalues.shape[0] * torch.finfo(torch.float64).eps
+        )
+        eigenvalues, eigenvectors = eigenvalues[keep], eigenvectors[:, keep]
+        directions = (features.T @ eigenvectors) / eigenvalues.sqrt()
+        return cls(eigenvalues, directions, num_samples=len(features))
 
     @property
     def dim(self) -> int:
         """The feature dimension k."""
-        return int(self.eigenvalues.shape[0])
+        return int(self.eigenvectors.shape[0])
+
+    @property
+    def rank(self) -> int:
+        """How many directions V keeps (k for the kernel form, at most N for the Gram form)."""
+        return int(self.eigenvectors.shape[1])
 
     def inverse_spectrum(self, lam: float) -> torch.Tensor:
-        """1 / (s + lambda): the eigenvalues of (K + lambda I)^-1."""
+        """1 / (s + lambda): the eigenvalues of (K + lambda I)^-1 on the kept directions."""
         if lam < 0:
             raise ValueError(f"lambda must be non-negative, got {lam}")
+        if lam == 0 and self.rank < self.dim:
+            raise ValueError(
+                "lambda = 0 needs K invertible; with fewer train samples than dimensions it is not"
+            )
         return 1.0 / (self.eigenvalues + lam)
 
     def to_eigenbasis(self, rows: Any) -> torch.Tensor:
@@ -137,14 +170,22 @@ class KernelSolver:
     def solve(self, rows: Any, lam: float) -> torch.Tensor:
         """X (K + lambda I)^-1 for the rows X (M x k), i.e. the transpose of (K + lambda I)^-1 X^T (float64).
 
-        Applying V diag(1 / (s + lambda)) V^T is the solve with the factorisation; no inverse is formed.
+        Applying V diag(1 / (s + lambda)) V^T (+ (I - V V^T) / lambda outside the kept directions) is the solve
+        with the factorisation; no inverse is formed.
         """
-        return (self.to_eigenbasis(rows) * self.inverse_spectrum(lam)) @ self.eigenvectors.T
+        rows = _as_float64(rows)
+        eigen = rows @ self.eigenvectors
+        solved = (eigen * self.inverse_spectrum(lam)) @ self.eigenvectors.T
+        if self.rank < self.dim:
+            solved += (rows - eigen @ self.eigenvectors.T) / lam
+        return solved
 
     def leverages(
         self, features: RowSliceable, lam: float, block_size: int = DEFAULT_BLOCK_SIZE
     ) -> np.ndarray:
-        """h_ii = phi_i^T (K + lambda I)^-1 phi_i for every row of ``features``, block by block (float64, N)."""
+        """h_ii = phi_i^T (K + lambda I)^-1 phi_i for every row of ``features``, block by block (float64, N).
+
+        Exact for the train rows (they lie in the kept directions); other rows need :meth:`solve`."""
         inverse_spectrum = self.inverse_spectrum(lam)
         result = np.empty(len(features), dtype=np.float64)
         for start, stop, block in iter_row_blocks(features, block_size):
@@ -152,13 +193,17 @@ class KernelSolver:
         return result
 
     def inverse_mean_abs(self, lam: float, block_size: int = DEFAULT_BLOCK_SIZE) -> float:
-        """Mean absolute entry of (K + lambda I)^-1, built in row blocks (O(k^3) per lambda, cached)."""
+        """Mean absolute entry of (K + lambda I)^-1, built in row blocks (O(k^2 r) per lambda, cached)."""
         if lam not in self._inverse_mean_abs:
             inverse_spectrum = self.inverse_spectrum(lam)
+            outside = 1.0 / lam if self.rank < self.dim else 0.0  # (I - V V^T) / lambda
             total = 0.0
             for start in range(0, self.dim, block_size):
-                rows = self.eigenvectors[start : start + block_size] * inverse_spectrum
-                total += float((rows @ self.eigenvectors.T).abs().sum())
+                stop = min(start + block_size, self.dim)
+                rows = self.eigenvectors[start:stop] * (inverse_spectrum - outside)
+                block = rows @ self.eigenvectors.T
+                block[:, start:stop].diagonal().add_(outside)
+                total += float(block.abs().sum())
             self._inverse_mean_abs[lam] = total / self.dim**2
         return self._inverse_mean_abs[lam]
 
