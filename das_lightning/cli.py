@@ -190,9 +190,11 @@ def attribution_inputs(cfg: DictConfig, paths: RunPaths, method):
     if method.kind == "journey_trak" and "generated" in query_sets:
         from das_lightning.attribution.journey import predicted_clean_steps
 
+        model.to(collection_device(cfg).torch_device())  # replaying SD trajectories on a CPU would take hours
         journey["generated"] = predicted_clean_steps(
             model, paths, len(query_sets["generated"]), method.journey_steps
         )
+        model.to("cpu")
     return AttributionInputs(
         unet=unet,
         alphas_cumprod=model.alphas_cumprod,

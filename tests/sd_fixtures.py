@@ -30,7 +30,7 @@ def write_tiny_clip_tokenizer_files(folder: Path) -> Path:
 def build_tiny_sd_pipeline(folder: Path, seed: int = 0) -> Path:
     """Random VAE, CLIP text encoder + tokenizer and UNet2DConditionModel, saved with
     ``StableDiffusionPipeline.save_pretrained``; returns the folder (usable as ``model.pretrained``)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
@@ -73,13 +73,14 @@ def build_tiny_sd_pipeline(folder: Path, seed: int = 0) -> Path:
         attention_head_dim=4,
         cross_attention_dim=TEXT_HIDDEN,
     )
-    # Stable Diffusion's training schedule (scaled-linear betas), not the pixel DDPM one
-    scheduler = DDPMScheduler(
+    # Stable Diffusion 1.x's scheduler as pipelines ship it: PNDM with scaled-linear betas, no clip_sample key
+    scheduler = PNDMScheduler(
         num_train_timesteps=1000,
         beta_schedule="scaled_linear",
         beta_start=0.00085,
         beta_end=0.012,
-        clip_sample=False,
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
         steps_offset=1,
     )
     pipeline = StableDiffusionPipeline(

@@ -560,3 +560,19 @@ def test_latent_diffusion_generates_attributes_and_evaluates_on_one_latent_cache
     assert train_cache.stat().st_mtime_ns == written
     # one cache per image set: the training set and the two query sets
     assert len(list(full.latents_dir.glob("*/latents.safetensors"))) == 3
+
+
+def test_lora_sampling_follows_the_pipeline_schedule_and_never_clips_latents(trained_lora: RunPaths) -> None:
+    from das_lightning.models.sampling import SamplerSettings, ddim_scheduler
+
+    model = LoRAAdapter().load(trained_lora.unet_dir, trained_lora.latents_dir)
+    scheduler = ddim_scheduler(model, SamplerSettings(num_inference_steps=10))
+    assert (
+        scheduler.config.clip_sample is False
+    )  # the PNDM config has no clip_sample; DDIM's default would clip
+    assert scheduler.config.steps_offset == 1 and scheduler.config.set_alpha_to_one is False
+    assert scheduler.final_alpha_cumprod == pytest.approx(float(model.alphas_cumprod[0]))
+    torch.testing.assert_close(
+        scheduler.alphas_cumprod, model.alphas_cumprod
+    )  # scaled-linear, not pixel DDPM
+    assert scheduler.timesteps.tolist() == list(range(901, 0, -100))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,6 +66,13 @@ class CollectionDevice:
     strategy: str = "auto"
     num_nodes: int = 1
     enable_progress_bar: bool = True
+
+    def torch_device(self) -> torch.device:
+        """This process's device for work outside a Trainer (DAS residuals, Journey-TRAK replays): its rank's GPU
+        when the collection runs on GPUs, else the CPU."""
+        if self.accelerator in {"gpu", "cuda", "auto"} and torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
 
 
 def make_gradients(

@@ -134,7 +134,9 @@ def _picture_lambda(method: MethodSettings, train_features: np.ndarray | None) -
     return float(min(method.lambdas, key=lambda lam: abs(np.log(lam) - np.log(max(squared, 1e-12)))))
 
 
-def das_residuals(inputs: AttributionInputs, method: MethodSettings, e_seed: int) -> np.ndarray:
+def das_residuals(
+    inputs: AttributionInputs, method: MethodSettings, e_seed: int, device: torch.device | None = None
+) -> np.ndarray:
     """r_i from each training image's per-timestep loss under the shared noise rule (METHOD.md §2)."""
     from das_lightning.evaluation.ground_truth import query_losses
 
@@ -143,7 +145,9 @@ def das_residuals(inputs: AttributionInputs, method: MethodSettings, e_seed: int
     indices = list(range(len(train_set)))
     extra = dataset_extra(inputs.extra_inputs, train_set)
     step = max(1, 1000 // method.residual_timesteps)
-    device = next(inputs.unet.parameters()).device
+    device = device or next(inputs.unet.parameters()).device
+    home = next(inputs.unet.parameters()).device
+    inputs.unet.to(device)
     per_timestep = [
         query_losses(
             inputs.unet,
@@ -159,6 +163,7 @@ def das_residuals(inputs: AttributionInputs, method: MethodSettings, e_seed: int
         )
         for t in range(0, 1000, step)
     ]
+    inputs.unet.to(home)
     return scoring.residual_weights(torch.stack(per_timestep, dim=1))
 
 
@@ -269,7 +274,9 @@ def _kernel_scores(context: _Context, query_set: str) -> dict[float, np.ndarray]
         options = {"leverage": method.leverage, "square": method.square}
         if method.residual:
             if "residuals" not in context.cache:
-                context.cache["residuals"] = das_residuals(context.inputs, method, method.features.e_seed)
+                context.cache["residuals"] = das_residuals(
+                    context.inputs, method, method.features.e_seed, context.device.torch_device()
+                )
             options["residuals"] = context.cache["residuals"]
     train = context.train_store().features
     queries = context.query_store(query_set).features

@@ -392,7 +392,9 @@ class LoRAAdapter(ModelAdapter):
             self.weights_file(unet_dir),
             extra_inputs=trained.text_conditioning(),
             encode=encoder,
-            scheduler_config=dict(trained.parts.scheduler.config),  # the pipeline's own schedule and offsets
+            # the pipeline's own schedule and offsets (set_alpha_to_one, steps_offset, spacing), except clipping:
+            # SD latents are not bounded by 1, and a PNDM config without clip_sample would inherit DDIM's True
+            scheduler_config={**trained.parts.scheduler.config, "clip_sample": False},
             decode=encoder.decode,
             num_classes=len(trained.class_names),
         )
