@@ -56,6 +56,15 @@ from sd_fixtures import IMAGE_SIZE, build_tiny_sd_pipeline, write_style_folders
 STYLES = ("post_impressionism", "ukiyo_e")
 PER_CLASS = 8
 LOSS_TIMESTEPS = (50, 200, 400, 600, 800)
+# evaluate_lds.py on two subset models, shrunk for a CPU
+TINY_LDS = [
+    "methods=[das]",
+    "pairs=[]",
+    "lds.num_subsets=2",
+    "lds.timestep_stride=500",
+    "lds.e_seeds=[0]",
+    "lds.num_resamples=20",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -404,15 +413,7 @@ def test_train_attribute_and_lds_run_end_to_end_on_a_lora_pipeline(
     cli.run_lds(
         compose(
             "evaluate_lds",
-            [
-                *experiment,
-                "methods=[das]",
-                "pairs=[]",
-                "lds.num_subsets=2",
-                "lds.timestep_stride=500",
-                "lds.e_seeds=[0]",
-                "lds.num_resamples=20",
-            ],
+            [*experiment, *TINY_LDS],
         )
     )
     records = json.loads((full.lds_dir / "lds.json").read_text())
@@ -542,16 +543,7 @@ def test_latent_diffusion_generates_attributes_and_evaluates_on_one_latent_cache
     cli.run_lds(
         compose(
             "evaluate_lds",
-            [
-                *common,
-                *queries,
-                "methods=[das]",
-                "pairs=[]",
-                "lds.num_subsets=2",
-                "lds.timestep_stride=500",
-                "lds.e_seeds=[0]",
-                "lds.num_resamples=20",
-            ],
+            [*common, *queries, *TINY_LDS],
         )
     )
     records = json.loads((full.lds_dir / "lds.json").read_text())["records"]
