@@ -75,10 +75,12 @@ def trained_root(tmp_path_factory) -> Path:
     return root
 
 
-def compose(config_name: str, overrides: list[str]):
+def compose(config_name: str, overrides: list[str], return_hydra_config: bool = False):
     """The config an entry point would see for these overrides (to call das_lightning.cli in-process)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides)
+        return hydra_compose(
+            config_name=config_name, overrides=overrides, return_hydra_config=return_hydra_config
+        )

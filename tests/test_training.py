@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DModel
+from omegaconf import OmegaConf
 
 from das_lightning.data import build_dataset
 from das_lightning.data.datamodule import DiffusionDataModule
@@ -19,7 +20,7 @@ from das_lightning.models.ddpm import DiffusionModule, OptimizerSettings
 from das_lightning.models.sampling import SamplerSettings, ddim_sample
 from das_lightning.models.unet import build_unet
 
-from conftest import TINY_TRAIN, run_entry
+from conftest import TINY_TRAIN, compose, run_entry
 
 
 def _fixed_loss(unet: torch.nn.Module, images: torch.Tensor) -> float:
@@ -216,3 +217,37 @@ def test_wandb_logs_offline_into_the_run_folder(tmp_path: Path) -> None:
     assert len(offline) == 1, "one offline W&B run, inside the run folder"
     assert list(offline[0].rglob("samples/generated*.png")), "the grid of generated samples is logged"
     assert not (tmp_path / "wandb").exists()
+
+
+def test_slurm_launcher_config_composes_to_a_submitit_slurm_array() -> None:
+    cfg = compose("train", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.array_parallelism) == ("gpu", 1, 64)
+    # each job's logs land in the sweep folder, whose subfolders differ per subset and seed
+    assert launcher.submitit_folder == f"{cfg.hydra.sweep.dir}/.submitit/%j"
+    subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"]
+    assert "${subset.tag}" in subdir and "${seed}" in subdir
+
+
+def test_multirun_through_the_submitit_launcher_trains_each_subset(tmp_path: Path) -> None:
+    # submitit's local executor runs each job in its own process, as SLURM would: the same pickling and paths
+    run_entry(
+        "train.py",
+        "-m",
+        "hydra/launcher=submitit_local",
+        "subset=lds",
+        "subset.index=0,1",
+        f"paths.root={tmp_path}",
+        *TINY_TRAIN,
+        "train.max_steps=2",
+        cwd=tmp_path,
+    )
+    lists = [
+        json.loads((tmp_path / "fashion2" / "tiny" / f"lds-{k}" / "seed0" / "subset.json").read_text())
+        for k in (0, 1)
+    ]
+    assert all(
+        (tmp_path / "fashion2" / "tiny" / f"lds-{k}" / "seed0" / "unet" / "DONE").exists() for k in (0, 1)
+    )
+    assert lists[0]["indices"] != lists[1]["indices"]
