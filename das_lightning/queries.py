@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from das_lightning.data import ImageDataset, TensorImageDataset, stratified_sample
+from das_lightning.manifest import hash_file
 from das_lightning.paths import RunPaths
 from das_lightning.seeding import derive_seed
-from das_lightning.training import load_generated_queries
+from das_lightning.training import GENERATED_FILE, load_generated_queries
 
 QUERY_SETS = ("val", "generated")
 
@@ -43,13 +44,16 @@ def generated_queries(paths: RunPaths, count: int, image_size: int) -> ImageData
             "raise generate.num_images when training, or lower queries.num_generated"
         )
     pixels = ((images[:count].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return TensorImageDataset(
+    dataset = TensorImageDataset(
         f"generated:{paths.dataset}/{paths.model}/{paths.tag}/seed{paths.seed}",
         pixels,
         labels[:count].numpy().astype(np.int64),
         class_names,
         image_size,
     )
+    # regenerating (other sampler settings, a retrained model) keeps the name: the file hash tells the sets apart
+    dataset.content_id = f"{hash_file(paths.queries_dir / GENERATED_FILE)[:32]}:{count}"
+    return dataset
 
 
 def build_query_sets(

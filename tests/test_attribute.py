@@ -16,6 +16,11 @@ import pytest
 
 from das_lightning import cli
 from das_lightning.attribution.pipeline import load_scores
+from das_lightning.manifest import ManifestMismatchError
+from das_lightning.models.adapters import ModelAdapter
+from das_lightning.models.sampling import SamplerSettings
+from das_lightning.paths import RunPaths
+from das_lightning.training import GenerationSettings, generate_queries
 
 from conftest import REPO, TINY_ATTRIBUTE, compose, entry_env, run_entry
 
@@ -214,3 +219,15 @@ def test_candidate_screening_scores_only_the_nearest_images(das_root: Path) -> N
     np.testing.assert_allclose(
         screened[nonzero], full[nonzero], rtol=1e-5
     )  # kept candidates keep their scores
+
+
+def test_features_of_replaced_generated_queries_are_refused(das_root: Path, tmp_path: Path) -> None:
+    # generated queries regenerated with other settings keep their set name; their file hash tells them apart
+    root = _copy_model(das_root, tmp_path)
+    shutil.copytree(das_root / RUN / "features", root / RUN / "features")
+    shutil.rmtree(root / RUN / "queries")
+    paths = RunPaths(root, "fashion2", "tiny", "full", 0)
+    other = GenerationSettings(num_images=6, sampler=SamplerSettings(num_inference_steps=2, seed=5))
+    generate_queries(paths, other, ModelAdapter(), ["generated"])
+    with pytest.raises(ManifestMismatchError, match="content_id"):
+        _attribute(root)

@@ -18,7 +18,7 @@ from das_lightning.attribution.grads import PerSampleGradients
 from das_lightning.attribution.projectors import build_projector
 from das_lightning.attribution.store import FeatureStore
 from das_lightning.attribution.timesteps import select_timesteps
-from das_lightning.data import ImageDataset
+from das_lightning.data import ImageDataset, content_entry
 from das_lightning.diffusion import NUM_TRAIN_TIMESTEPS
 from das_lightning.manifest import hash_array
 
@@ -136,6 +136,7 @@ def feature_manifest(
         "set_name": dataset.set_name,
         "num_images": len(dataset),
         "labels_hash": hash_array(dataset.labels),
+        **content_entry(dataset),
         "features": described,
         "gradients": gradients.describe(),
         "projector": projector.describe(),

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from das_lightning.attribution import scores as scoring
 from das_lightning.attribution.features import CollectionDevice, FeatureSettings, collect_features
 from das_lightning.attribution.store import FeatureStore
-from das_lightning.data import ImageDataset, ModelSpaceDataset
+from das_lightning.data import ImageDataset, ModelSpaceDataset, content_entry
 from das_lightning.distributed import is_global_zero
 from das_lightning.manifest import (
     atomic_write_text,
@@ -385,6 +385,7 @@ def _journey_scores(context: _Context, query_set: str) -> dict[float, np.ndarray
         state = ModelSpaceDataset(
             f"{dataset.set_name}:journey-t{timestep}", predicted_clean, dataset.labels, dataset.class_names
         )
+        state.content_id = dataset.content_id  # replayed from exactly these generated images
         steps.append(
             _feature_store(
                 inputs, settings, state, f"{query_set}-journey-t{timestep}", context.device, context.logger
@@ -472,6 +473,7 @@ def score_manifest(
         "query_set": queries.set_name,
         "num_queries": len(queries),
         "queries_hash": hash_array(queries.labels),
+        **content_entry(queries),
     }
 
 

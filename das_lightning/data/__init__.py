@@ -7,6 +7,7 @@ from das_lightning.data.base import (
     ModelSpaceDataset,
     Sample,
     TensorImageDataset,
+    content_entry,
 )
 from das_lightning.data.datamodule import DiffusionDataModule, HorizontalFlipDataset, make_loader
 from das_lightning.data.registry import DATASETS, DatasetEntry, build_dataset
@@ -30,6 +31,7 @@ __all__ = [
     "Sample",
     "TensorImageDataset",
     "build_dataset",
+    "content_entry",
     "lds_subset_indices",
     "load_index_list",
     "load_index_record",

@@ -76,7 +76,12 @@ class ImageDataset(Dataset[Sample]):
         class_names: name of label 0, 1, ...
         channels: image channels (1 grey, 3 RGB).
         image_size: height = width of every image.
+        content_id: for sets whose images can change under the same name (generated queries: regenerate with
+            other settings and ``set_name`` stays), an identity of the images themselves, e.g. a file hash; it
+            goes into every manifest made from the set (features, latents, ground truth, scores). None otherwise.
     """
+
+    content_id: str | None = None
 
     def __init__(
         self, set_name: str, labels: np.ndarray, class_names: Sequence[str], channels: int, image_size: int
@@ -114,6 +119,11 @@ class ImageDataset(Dataset[Sample]):
             f"{type(self).__name__}(set_name={self.set_name!r}, size={len(self)}, classes={self.class_names}, "
             f"channels={self.channels}, image_size={self.image_size})"
         )
+
+
+def content_entry(dataset: ImageDataset) -> dict[str, str]:
+    """``{"content_id": ...}`` for manifests when the set has one, else nothing (older manifests stay valid)."""
+    return {} if dataset.content_id is None else {"content_id": dataset.content_id}
 
 
 class TensorImageDataset(ImageDataset):

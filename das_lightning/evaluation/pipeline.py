@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from das_lightning.attribution.features import CollectionDevice
 from das_lightning.attribution.pipeline import load_scores
-from das_lightning.data import ImageDataset, load_index_record
+from das_lightning.data import ImageDataset, content_entry, load_index_record
 from das_lightning.diffusion import NUM_TRAIN_TIMESTEPS
 from das_lightning.distributed import is_global_zero
 from das_lightning.evaluation.ground_truth import (
@@ -116,7 +116,12 @@ def model_losses(
     adapter = adapter or ModelAdapter()
     weights = adapter.weights_file(run.unet_dir)
     manifest = ground_truth_manifest(
-        hash_file(weights), queries.set_name, list(range(len(queries))), settings.timesteps, settings.e_seeds
+        hash_file(weights),
+        queries.set_name,
+        list(range(len(queries))),
+        settings.timesteps,
+        settings.e_seeds,
+        **content_entry(queries),
     )
     cache = run.lds_dir / "ground_truth" / f"{run.tag}-seed{run.seed}" / queries.set_name.replace("/", "_")
 
@@ -191,6 +196,7 @@ def method_scores(
         "num_train": len(train_set),
         "query_set": queries.set_name,
         "num_queries": len(queries),
+        **content_entry(queries),
     }
     differences = {
         key: (manifest.get(key), value) for key, value in expected.items() if manifest.get(key) != value

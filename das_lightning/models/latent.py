@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from das_lightning.data import ImageDataset, ModelSpaceDataset
+from das_lightning.data import ImageDataset, ModelSpaceDataset, content_entry
 from das_lightning.diffusion import make_scheduler
 from das_lightning.manifest import check_or_write_manifest, hash_array
 from das_lightning.models.adapters import MeasuredModel, ModelAdapter, latent_cache_folder
@@ -82,6 +82,7 @@ def cached_latents(
         "set_name": dataset.set_name,
         "num_images": len(dataset),
         "labels_hash": hash_array(dataset.labels),
+        **content_entry(dataset),
         "image_size": dataset.image_size,
         "latent": "posterior mean x scaling_factor",
     }
@@ -101,7 +102,9 @@ def cached_latents(
         partial = folder / f"{LATENTS_FILE}.tmp"
         save_file({"latents": latents.contiguous()}, str(partial))
         partial.replace(target)  # a reader never sees half a cache
-    return ModelSpaceDataset(dataset.set_name, latents, dataset.labels, list(dataset.class_names))
+    encoded = ModelSpaceDataset(dataset.set_name, latents, dataset.labels, list(dataset.class_names))
+    encoded.content_id = dataset.content_id
+    return encoded
 
 
 def load_vae(pretrained: str, subfolder: str | None = "vae") -> torch.nn.Module:
