@@ -7,7 +7,12 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from das_lightning.attribution.grads import PerSampleGradients, reference_flat_gradients, select_parameters
+from das_lightning.attribution.grads import (
+    PEAK_PER_SAVED_BYTE,
+    PerSampleGradients,
+    reference_flat_gradients,
+    select_parameters,
+)
 from das_lightning.attribution.outputs import OUTPUT_FUNCTIONS, batched_output, get_output_function
 from das_lightning.attribution.timesteps import select_timesteps
 from das_lightning.diffusion import make_scheduler
@@ -269,3 +274,26 @@ def test_conditional_model_with_per_sample_extra(alphas_cumprod: torch.Tensor) -
         latents, indices, "train", extra={"encoder_hidden_states": context.flip(0)}
     )
     assert not torch.allclose(swapped[0], fast[0], rtol=1e-3)
+
+
+def test_memory_budget_splits_the_batch_without_changing_features(alphas_cumprod: torch.Tensor) -> None:
+    model = tiny_conditional_unet().eval()
+    generator = torch.Generator().manual_seed(5)
+    latents, context = (
+        torch.randn(5, 4, 8, 8, generator=generator),
+        torch.randn(5, 5, 12, generator=generator),
+    )
+    indices, extra = torch.tensor([7, 2, 9, 0, 4]), {"encoder_hidden_states": context}
+    roomy = PerSampleGradients(model, alphas_cumprod, "mean", TIMESTEPS[:3], True)
+    saved = roomy.saved_bytes_per_pair(latents[0], {"encoder_hidden_states": context[0]})
+    assert saved > 0
+    # a budget of two pairs per call: the 5-sample batch goes in chunks of 2, 2 and 1, per-sample context kept
+    tight = PerSampleGradients(
+        model, alphas_cumprod, "mean", TIMESTEPS[:3], True, activation_bytes=2 * PEAK_PER_SAVED_BYTE * saved
+    )
+    assert tight.pairs_per_call(latents[0], {"encoder_hidden_states": context[0]}) == 2
+    assert roomy.pairs_per_call(latents[0], {"encoder_hidden_states": context[0]}) > 5 * 3
+    assert_close_relative(
+        tight.flat_gradients(latents, indices, "train", extra=extra),
+        roomy.flat_gradients(latents, indices, "train", extra=extra),
+    )

@@ -44,6 +44,7 @@ class FeatureSettings:
     e_seed: int = 0
     batch_size: int = 32
     timestep_batch: int | None = None
+    activation_budget_mib: int = 2048  # peak memory of one vmap call (see PerSampleGradients.pairs_per_call)
     dtype: str = "float32"
     num_workers: int = 0
 
@@ -91,6 +92,7 @@ def make_gradients(
         e_seed=settings.e_seed,
         unet_kwargs=unet_kwargs,
         timestep_batch=settings.timestep_batch,
+        activation_bytes=settings.activation_budget_mib << 20,
     )
 
 
@@ -129,7 +131,9 @@ def feature_manifest(
 ) -> dict[str, Any]:
     """Everything that determines the rows; a store whose manifest differs is refused."""
     described = {
-        k: v for k, v in asdict(settings).items() if k not in {"batch_size", "num_workers", "timestep_batch"}
+        k: v
+        for k, v in asdict(settings).items()
+        if k not in {"batch_size", "num_workers", "timestep_batch", "activation_budget_mib"}
     }
     return {
         "checkpoint": checkpoint_id,

@@ -38,6 +38,12 @@ ParamFilter = Callable[[str], bool]
 AUTO_PAIRS_PER_CALL = 128
 # vmap(grad) materialises a P-vector per pair: bound them too (35.7M-parameter UNet: 143 MB per pair).
 AUTO_PAIR_GRADIENT_BYTES = 4 << 30
+# ... and the peak memory of a call, estimated as PEAK_PER_SAVED_BYTE x the activations a pair saves for its backward
+# (measured once per model, see PerSampleGradients.saved_bytes_per_pair). Measured on the 1.1M-parameter 32 px UNet
+# (batch 32, K = 10, 1 thread): 14.8 MiB saved per pair; 128 pairs per call peaked at 6.7 GB RSS in 56-61 s,
+# 32 pairs at 2.2 GB in 24-30 s (the peak is 3.3-4.5x the saved bytes).
+AUTO_PAIR_ACTIVATION_BYTES = 2 << 30
+PEAK_PER_SAVED_BYTE = 4
 
 
 def select_parameters(model: torch.nn.Module, pattern: str | None = None) -> list[str]:
@@ -90,8 +96,10 @@ class PerSampleGradients:
         unet_kwargs: constant keyword arguments for every model call (not per sample).
         timestep_batch: how many timesteps are vmapped together with the samples in one call; larger is faster
             until memory runs out (activations and a P-vector per pair, B x timestep_batch pairs). ``None``:
-            about ``AUTO_PAIRS_PER_CALL`` pairs and at most ``AUTO_PAIR_GRADIENT_BYTES`` of pair gradients per
-            call, but at least one timestep. The result does not depend on it (up to float rounding).
+            about ``AUTO_PAIRS_PER_CALL`` pairs per call, with at most ``AUTO_PAIR_GRADIENT_BYTES`` of pair
+            gradients and an estimated peak of ``activation_bytes``; when even one timestep of the whole batch
+            would exceed them, the batch itself is split. The result does not depend on it (up to rounding).
+        activation_bytes: the memory budget of one call (default ``AUTO_PAIR_ACTIVATION_BYTES``).
     """
 
     def __init__(
@@ -105,6 +113,7 @@ class PerSampleGradients:
         e_seed: int = 0,
         unet_kwargs: Mapping[str, object] | None = None,
         timestep_batch: int | None = None,
+        activation_bytes: int = AUTO_PAIR_ACTIVATION_BYTES,
     ) -> None:
         if len(timesteps) == 0:
             raise ValueError("at least one timestep is needed")
@@ -119,6 +128,8 @@ class PerSampleGradients:
         self.e_seed = int(e_seed)
         self.unet_kwargs = dict(unet_kwargs or {})
         self.timestep_batch = timestep_batch
+        self.activation_bytes = int(activation_bytes)
+        self._saved_bytes_per_pair: int | None = None
 
         if param_filter is None or isinstance(param_filter, str):
             self.parameter_names = select_parameters(model, param_filter)
@@ -175,6 +186,38 @@ class PerSampleGradients:
         )
         return self.output_function(_prediction(output)[0].float(), noise.float())
 
+    def saved_bytes_per_pair(self, image: torch.Tensor, extra: Mapping[str, torch.Tensor]) -> int:
+        """Bytes of activations one (image, timestep) pair keeps for its backward pass (measured once on a real
+        forward pass; the parameters themselves, shared by all pairs, are not counted)."""
+        if self._saved_bytes_per_pair is None:
+            differentiated, constant = self._split_state()
+            leaves = {name: value.clone().requires_grad_() for name, value in differentiated.items()}
+            shared = {value.data_ptr() for value in (*leaves.values(), *constant.values())}
+            total = 0
+
+            def count(tensor: torch.Tensor) -> torch.Tensor:
+                nonlocal total
+                if tensor.data_ptr() not in shared:
+                    total += tensor.numel() * tensor.element_size()
+                return tensor
+
+            timestep = torch.tensor(self.timesteps[0], device=image.device)
+            with _eval_mode(self.model), torch.enable_grad():
+                with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+                    self._sample_output(
+                        leaves, constant, image, torch.zeros_like(image), timestep, dict(extra)
+                    )
+            self._saved_bytes_per_pair = max(total, 1)
+        return self._saved_bytes_per_pair
+
+    def pairs_per_call(self, image: torch.Tensor, extra: Mapping[str, torch.Tensor]) -> int:
+        """How many (sample, timestep) pairs one vmap call may hold under the automatic budgets."""
+        by_gradients = AUTO_PAIR_GRADIENT_BYTES // (4 * self.num_parameters)
+        by_activations = self.activation_bytes // (
+            PEAK_PER_SAVED_BYTE * self.saved_bytes_per_pair(image, extra)
+        )
+        return max(1, min(AUTO_PAIRS_PER_CALL, by_gradients, by_activations))
+
     def flat_gradients(
         self,
         images: torch.Tensor,
@@ -187,19 +230,43 @@ class PerSampleGradients:
         ``extra`` holds per-sample model inputs with a leading batch dimension (e.g. ``encoder_hidden_states``
         (B, L, D) or ``class_labels`` (B,)).
         """
-        device = images.device
         batch = images.shape[0]
         index_list = [int(i) for i in (indices.tolist() if torch.is_tensor(indices) else indices)]
         if len(index_list) != batch:
             raise ValueError(f"{batch} images but {len(index_list)} indices")
         extra = dict(extra or {})
+        if self.timestep_batch is not None:
+            return self._batch_gradients(images, index_list, set_name, extra, self.timestep_batch)
+        pairs = self.pairs_per_call(images[0], {key: value[0] for key, value in extra.items()})
+        if batch <= pairs:
+            return self._batch_gradients(images, index_list, set_name, extra, max(1, pairs // batch))
+        # even one timestep of the whole batch is over budget: features are per sample, so split the batch
+        return torch.cat(
+            [
+                self._batch_gradients(
+                    images[start : start + pairs],
+                    index_list[start : start + pairs],
+                    set_name,
+                    {key: value[start : start + pairs] for key, value in extra.items()},
+                    1,
+                )
+                for start in range(0, batch, pairs)
+            ]
+        )
+
+    def _batch_gradients(
+        self,
+        images: torch.Tensor,
+        index_list: list[int],
+        set_name: str,
+        extra: dict[str, torch.Tensor],
+        timestep_batch: int,
+    ) -> torch.Tensor:
+        device = images.device
+        batch = images.shape[0]
         features = torch.zeros(batch, self.num_parameters, dtype=torch.float32, device=device)
         per_pair_grad = vmap(grad(self._sample_output), in_dims=(None, None, 0, 0, 0, 0))
         scale_all = 1.0 / len(self.timesteps)
-        timestep_batch = self.timestep_batch or max(
-            1,
-            min(AUTO_PAIRS_PER_CALL // batch, AUTO_PAIR_GRADIENT_BYTES // (4 * batch * self.num_parameters)),
-        )
         with _eval_mode(self.model):
             differentiated, constant = self._split_state()
             for start in range(0, len(self.timesteps), timestep_batch):
