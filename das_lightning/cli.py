@@ -177,11 +177,9 @@ def attribution_inputs(cfg: DictConfig, paths: RunPaths, method):
     """The full model, its training set and its query sets, as the attribute stage needs them."""
     from das_lightning.attribution.pipeline import AttributionInputs
     from das_lightning.queries import build_query_sets
-    from das_lightning.training import require_finished, training_snapshots
+    from das_lightning.training import load_finished, training_snapshots
 
-    require_finished(paths)
-    model = model_adapter(cfg.model).load(paths.unet_dir, paths.latents_dir)
-    unet = model.network
+    model = load_finished(paths, model_adapter(cfg.model))
     train_set = dataset_from_config(cfg, split="train")
     require_trained_on(paths, train_set)
     query_sets = build_query_sets(query_settings(cfg), dataset_from_config(cfg, split="test"), paths)
@@ -196,17 +194,13 @@ def attribution_inputs(cfg: DictConfig, paths: RunPaths, method):
         )
         model.to("cpu")
     return AttributionInputs(
-        unet=unet,
-        alphas_cumprod=model.alphas_cumprod,
-        checkpoint_file=model.weights_file,
+        model=model,
         train_set=train_set,
         query_sets=query_sets,
         features_dir=paths.features_dir,
         scores_dir=paths.scores_dir,
         snapshots=snapshots,
         journey=journey,
-        extra_inputs=model.extra_inputs,
-        encode=model.encode,
     )
 
 

@@ -30,7 +30,7 @@ from das_lightning.manifest import (
     hash_file,
     read_manifest,
 )
-from das_lightning.models.adapters import ModelAdapter
+from das_lightning.models.adapters import MeasuredModel, ModelAdapter
 from das_lightning.models.ddpm import DiffusionModule, OptimizerSettings, load_trained_network
 from das_lightning.models.sampling import SamplerSettings, ddim_sample
 from das_lightning.paths import RunPaths
@@ -321,6 +321,13 @@ def require_finished(paths: RunPaths) -> None:
         )
 
 
+def load_finished(paths: RunPaths, adapter: ModelAdapter) -> MeasuredModel:
+    """The finished model of a run as ``adapter`` loads and feeds it (latents cached under the experiment's folder);
+    a clear error naming the folder when the run has no finished model."""
+    require_finished(paths)
+    return adapter.load(paths.unet_dir, paths.latents_dir)
+
+
 def load_unet(paths: RunPaths) -> torch.nn.Module:
     """The trained UNet of a run (safetensors); a clear error naming the folder when it is not there."""
     require_finished(paths)
@@ -333,7 +340,7 @@ def generate_queries(
     """Generate (or reuse) the model's query images: ``queries/generated.safetensors`` (images in [-1, 1] and the
     class each was conditioned on) + a PNG grid. ``class_names``: the training set's, for conditioned models."""
     folder = paths.queries_dir
-    model = adapter.load(paths.unet_dir, paths.latents_dir)
+    model = load_finished(paths, adapter)
     manifest = {
         "num_images": generation.num_images,
         "model": hash_file(model.weights_file),
@@ -355,23 +362,25 @@ def generate_queries(
     return target
 
 
-def load_generated_queries(paths: RunPaths) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """(images in [-1, 1], class labels, class names) of the run's generated queries."""
+def _generated_manifest(paths: RunPaths) -> dict[str, Any]:
+    """The manifest of a run's finished generated queries; a clear error when there are none."""
     target = paths.queries_dir / GENERATED_FILE
     manifest = read_manifest(paths.queries_dir)
     if not target.exists() or manifest is None:
         raise FileNotFoundError(
             f"no generated queries at {target}: run `python train.py` with generation on first"
         )
-    stored = load_file(str(target))
-    return stored["images"], stored["labels"], list(manifest["class_names"])
+    return manifest
+
+
+def load_generated_queries(paths: RunPaths) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(images in [-1, 1], class labels, class names) of the run's generated queries."""
+    class_names = list(_generated_manifest(paths)["class_names"])
+    stored = load_file(str(paths.queries_dir / GENERATED_FILE))
+    return stored["images"], stored["labels"], class_names
 
 
 def stored_sampler(paths: RunPaths) -> SamplerSettings:
     """The sampler settings a run's generated queries were made with (from their manifest)."""
-    manifest = read_manifest(paths.queries_dir)
-    if manifest is None:
-        raise FileNotFoundError(
-            f"no generated queries at {paths.queries_dir}: train the full model with generation on"
-        )
+    manifest = _generated_manifest(paths)
     return SamplerSettings(**{key: manifest[key] for key in SamplerSettings.__dataclass_fields__})

@@ -254,13 +254,15 @@ def test_dropout_is_off_and_train_mode_restored(alphas_cumprod: torch.Tensor, im
     torch.testing.assert_close(first, second)
 
 
+def conditional_inputs(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents (count, 4, 8, 8), text context (count, 5, 12)) for :func:`tiny_conditional_unet`."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(count, 4, 8, 8, generator=generator), torch.randn(count, 5, 12, generator=generator)
+
+
 def test_conditional_model_with_per_sample_extra(alphas_cumprod: torch.Tensor) -> None:
     model = tiny_conditional_unet().eval()
-    generator = torch.Generator().manual_seed(3)
-    latents, context = (
-        torch.randn(3, 4, 8, 8, generator=generator),
-        torch.randn(3, 5, 12, generator=generator),
-    )
+    latents, context = conditional_inputs(3, seed=3)
     indices = torch.tensor([4, 9, 1])
     computer = PerSampleGradients(model, alphas_cumprod, "mean", TIMESTEPS[:2], True, param_filter="attn2")
     fast = computer.flat_gradients(latents, indices, "train", extra={"encoder_hidden_states": context})
@@ -278,11 +280,7 @@ def test_conditional_model_with_per_sample_extra(alphas_cumprod: torch.Tensor) -
 
 def test_memory_budget_splits_the_batch_without_changing_features(alphas_cumprod: torch.Tensor) -> None:
     model = tiny_conditional_unet().eval()
-    generator = torch.Generator().manual_seed(5)
-    latents, context = (
-        torch.randn(5, 4, 8, 8, generator=generator),
-        torch.randn(5, 5, 12, generator=generator),
-    )
+    latents, context = conditional_inputs(5, seed=5)
     indices, extra = torch.tensor([7, 2, 9, 0, 4]), {"encoder_hidden_states": context}
     roomy = PerSampleGradients(model, alphas_cumprod, "mean", TIMESTEPS[:3], True)
     saved = roomy.saved_bytes_per_pair(latents[0], {"encoder_hidden_states": context[0]})

@@ -35,7 +35,7 @@ from das_lightning.manifest import (
     read_manifest,
     write_manifest,
 )
-from das_lightning.models.adapters import Encoder, ExtraInputs, dataset_extra
+from das_lightning.models.adapters import MeasuredModel, dataset_extra
 from das_lightning.viz import attribution_grid, log_images_to_wandb, log_table
 
 log = logging.getLogger(__name__)
@@ -68,25 +68,19 @@ class MethodSettings:
 
 @dataclass
 class AttributionInputs:
-    """A trained model and the images to attribute, as the attribute stage sees them."""
+    """A trained model and the images to attribute, as the attribute stage sees them.
 
-    unet: torch.nn.Module
-    alphas_cumprod: torch.Tensor
-    checkpoint_file: Path
+    The sets stay images (for pictures and pixel baselines); the network sees ``model.model_space(set)`` (latents of
+    a latent model) and ``model.extra_inputs(batch)`` (conditioning), see :mod:`das_lightning.models.adapters`.
+    """
+
+    model: MeasuredModel
     train_set: ImageDataset
     query_sets: dict[str, ImageDataset]
     features_dir: Path
     scores_dir: Path
     snapshots: list[tuple[Path, float]] = field(default_factory=list)  # (weights file, lr) for TracIn
     journey: dict[str, list[tuple[int, torch.Tensor]]] = field(default_factory=dict)  # set -> [(t, x0_hat)]
-    # latent / text-conditioned models (see das_lightning.models.adapters): the sets stay images for pictures and
-    # pixel baselines; the network sees encode(set) and extra_inputs(batch)
-    extra_inputs: ExtraInputs | None = None
-    encode: Encoder | None = None
-
-    def model_space(self, dataset: ImageDataset) -> ImageDataset:
-        """``dataset`` as the network sees it (latents for latent models), same set name and indices."""
-        return self.encode(dataset) if self.encode is not None else dataset
 
 
 def _images(dataset: ImageDataset) -> torch.Tensor:
@@ -103,17 +97,17 @@ def _feature_store(
     unet: torch.nn.Module | None = None,
     checkpoint_file: Path | None = None,
 ) -> FeatureStore:
-    checkpoint = Path(checkpoint_file or inputs.checkpoint_file)
+    checkpoint = Path(checkpoint_file or inputs.model.weights_file)
     store = collect_features(
-        unet or inputs.unet,
-        inputs.alphas_cumprod,
-        inputs.model_space(dataset),
+        unet or inputs.model.network,
+        inputs.model.alphas_cumprod,
+        inputs.model.model_space(dataset),
         hash_file(checkpoint),
         inputs.features_dir / settings.name / key,
         settings,
         device,
         logger,
-        extra_inputs=inputs.extra_inputs,
+        extra_inputs=inputs.model.extra_inputs,
     )
     return store.require_complete()
 
@@ -140,18 +134,19 @@ def das_residuals(
     """r_i from each training image's per-timestep loss under the shared noise rule (METHOD.md §2)."""
     from das_lightning.evaluation.ground_truth import query_losses
 
-    train_set = inputs.model_space(inputs.train_set)
+    model = inputs.model
+    train_set = model.model_space(inputs.train_set)
     images = _images(train_set)
     indices = list(range(len(train_set)))
-    extra = dataset_extra(inputs.extra_inputs, train_set)
+    extra = dataset_extra(model.extra_inputs, train_set)
     step = max(1, 1000 // method.residual_timesteps)
-    device = device or next(inputs.unet.parameters()).device
-    home = next(inputs.unet.parameters()).device
-    inputs.unet.to(device)
+    home = next(model.network.parameters()).device
+    device = device or home
+    model.network.to(device)
     per_timestep = [
         query_losses(
-            inputs.unet,
-            inputs.alphas_cumprod,
+            model.network,
+            model.alphas_cumprod,
             images,
             indices,
             train_set.set_name,
@@ -163,7 +158,7 @@ def das_residuals(
         )
         for t in range(0, 1000, step)
     ]
-    inputs.unet.to(home)
+    model.network.to(home)
     return scoring.residual_weights(torch.stack(per_timestep, dim=1))
 
 
@@ -333,7 +328,7 @@ def _tracin_scores(context: _Context, query_set: str) -> dict[float, np.ndarray]
         )
     terms = []
     for weights_file, lr in inputs.snapshots:
-        unet = _copy_with_weights(inputs.unet, load_file(str(weights_file)))
+        unet = _copy_with_weights(inputs.model.network, load_file(str(weights_file)))
         settings = FeatureSettings(
             **{**asdict(method.features), "name": f"{method.features.name}-{weights_file.parent.name}"}
         )
@@ -467,7 +462,7 @@ def score_manifest(
     return {
         "method": settings,
         "lambdas": lambdas,
-        "checkpoint": hash_file(inputs.checkpoint_file),
+        "checkpoint": hash_file(inputs.model.weights_file),
         "train_set": inputs.train_set.set_name,
         "num_train": len(inputs.train_set),
         "query_set": queries.set_name,

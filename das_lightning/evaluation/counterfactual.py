@@ -19,7 +19,7 @@ from das_lightning.models.adapters import ModelAdapter
 from das_lightning.models.sampling import ddim_sample
 from das_lightning.paths import RunPaths
 from das_lightning.seeding import derive_seed
-from das_lightning.training import SubsetSettings, load_generated_queries, require_finished, stored_sampler
+from das_lightning.training import SubsetSettings, load_finished, load_generated_queries, stored_sampler
 
 
 @dataclass
@@ -85,9 +85,7 @@ def counterfactual(
             )
             # same seed as the full model: the removed images are the only difference
             retrain(run, SubsetSettings(kind="custom", indices=keep.tolist(), seed_tag=paths.tag))
-            require_finished(run)
-            model = adapter.load(run.unet_dir, run.latents_dir)
-            regenerated = ddim_sample(model, 1, sampler, first_index=query).images[0]
+            regenerated = ddim_sample(load_finished(run, adapter), 1, sampler, first_index=query).images[0]
             distances[variant].append(float(torch.linalg.vector_norm(regenerated - originals[query])))
             regenerated_images[variant].append(regenerated)
     result = CounterfactualResult(

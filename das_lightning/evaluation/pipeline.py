@@ -43,7 +43,7 @@ from das_lightning.evaluation.lds import (
 from das_lightning.manifest import ManifestMismatchError, hash_file
 from das_lightning.models.adapters import ModelAdapter, dataset_extra
 from das_lightning.paths import RunPaths, subset_tag
-from das_lightning.training import DONE_MARKER, require_finished
+from das_lightning.training import DONE_MARKER, load_finished
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,7 @@ def model_losses(
     cache = run.lds_dir / "ground_truth" / f"{run.tag}-seed{run.seed}" / queries.set_name.replace("/", "_")
 
     def compute() -> torch.Tensor:
-        require_finished(run)
-        model = adapter.load(run.unet_dir, run.latents_dir)
+        model = load_finished(run, adapter)
         inputs = model.model_space(queries)  # same set name and indices: same rule noise as the features
         module = GroundTruthModule(
             model.network,

@@ -41,12 +41,10 @@ class MeasuredModel:
     alphas_cumprod: torch.Tensor  # the schedule the network was trained with
     weights_file: Path  # hashed into feature, score, ground-truth and generated-query manifests
     extra_inputs: ExtraInputs | None = None
-    encode: Encoder | None = (
-        None  # images -> what the network denoises (latents); None: the images themselves
-    )
-    scheduler_config: Mapping[str, Any] = field(
-        default_factory=_pixel_schedule
-    )  # what DDIM sampling is built from
+    # images -> what the network denoises (latents); None: the images themselves
+    encode: Encoder | None = None
+    # the training schedule's config, which DDIM sampling is built from
+    scheduler_config: Mapping[str, Any] = field(default_factory=_pixel_schedule)
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # sampled latents -> images in [-1, 1]
     num_classes: int = 0
 
