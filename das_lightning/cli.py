@@ -201,6 +201,7 @@ def attribution_inputs(cfg: DictConfig, paths: RunPaths, method):
         scores_dir=paths.scores_dir,
         snapshots=snapshots,
         journey=journey,
+        lds_file=paths.lds_dir / "lds.json",
     )
 
 
@@ -339,9 +340,10 @@ def run_train(cfg: DictConfig) -> RunPaths:
 
 def run_attribute(cfg: DictConfig):
     """attribute.py: features, then scores of one method for every query set."""
-    from das_lightning.attribution.pipeline import attribute
+    from das_lightning.attribution.pipeline import attribute, validate_method
 
     method = method_settings(cfg)
+    validate_method(method)  # before the model is loaded or any feature is computed
     paths = run_paths(cfg)
     inputs = attribution_inputs(cfg, paths, method)
     logger = make_logger(cfg, paths.scores_dir, name=f"attribute/{method.name}")
@@ -350,7 +352,9 @@ def run_attribute(cfg: DictConfig):
     finally:
         close_logger(logger)
     if is_global_zero():
-        print(f"method {result.method}: lambda for pictures {result.picture_lambda:g}")
+        print(f"method {result.method}:")
         for query_set, folder in result.folders.items():
-            print(f"  {query_set}: {folder}/scores.npy, topk.json, grid.png")
+            chosen = result.chosen[query_set]
+            picked = "" if chosen is None else f" (pictures at c = {chosen.scale:g}, from {chosen.source})"
+            print(f"  {query_set}: {folder}/scores.npy, topk.json, grid.png{picked}")
     return result

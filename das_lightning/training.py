@@ -96,9 +96,22 @@ class GenerationSettings:
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
 
 
+# How a run's training seed follows from its subset tag and seed r; recorded in every run manifest, and
+# evaluate_lds.py refuses subset models made under another rule.
+SEED_RULE = "subsets-share-seed-r"
+
+
 def training_seed(tag: str, seed: int) -> int:
-    """Subset models get seeds that differ from the full model's (METHOD.md §3): derived from tag and seed."""
-    return derive_seed("train", tag, seed) % (2**31)
+    """The seed of a run's initial weights, batch order, noise and timesteps (METHOD.md §3, D-TRAK's protocol).
+
+    Every LDS subset model with training seed r gets the SAME seed, whatever its subset index (common random
+    numbers: what differs between subset models is their data, which is what the LDS measures). The full model's
+    seed is distinct from all of them (generated queries come from it; subset models sharing its initialisation
+    would be rewarded for tracking that seed rather than the data). Other tags (a counterfactual retraining names
+    the full model's tag) keep their own.
+    """
+    group = "lds-subset" if tag.startswith("lds-") else tag
+    return derive_seed("train", group, seed) % (2**31)
 
 
 def subset_indices(dataset: ImageDataset, subset: SubsetSettings) -> np.ndarray:
@@ -198,6 +211,7 @@ def train_model(
         "unet_config": {k: v for k, v in dict(unet.config).items() if not k.startswith("_")},
         "seed": seed,
         "training_seed": seed_for_run,
+        "seed_rule": SEED_RULE,
         "train": asdict(train),
     }
     if module_class is not DiffusionModule or module_kwargs:

@@ -64,7 +64,7 @@ def test_das_writes_complete_stores_scores_and_grids(das_root: Path) -> None:
         assert np.abs(np.load(features / name / "features.npy")).sum(axis=1).min() > 0
     for query_set in ("val", "generated"):
         scores, manifest = load_scores(das_root / RUN / "scores" / "das" / query_set)
-        assert scores.shape == (len(manifest["lambdas"]), 6, 48) and np.isfinite(scores).all()
+        assert scores.shape == (len(manifest["lambda_scales"]), 6, 48) and np.isfinite(scores).all()
         assert (scores >= 0).all()  # DAS squares
         top = json.loads((das_root / RUN / "scores" / "das" / query_set / "topk.json").read_text())
         assert len(top["proponent_indices"]) == 6 and len(top["proponent_indices"][0]) == 8
@@ -123,7 +123,7 @@ def test_two_process_ddp_features_equal_one_process(das_root: Path, tmp_path: Pa
     )
     assert json.loads((scores / "manifest.json").read_text())["complete"] is True
     assert not list(scores.glob("*.tmp"))
-    assert result.stdout.count("lambda for pictures") == 1
+    assert result.stdout.count("method das:") == 1
 
 
 def test_killed_run_resumes_to_the_same_features(das_root: Path, tmp_path: Path) -> None:
@@ -231,3 +231,33 @@ def test_features_of_replaced_generated_queries_are_refused(das_root: Path, tmp_
     generate_queries(paths, other, ModelAdapter(), ["generated"])
     with pytest.raises(ManifestMismatchError, match="content_id"):
         _attribute(root)
+
+
+@pytest.mark.parametrize("method", ["das_exact", "das_magnitude"])
+def test_residual_variants_run_end_to_end(das_root: Path, tmp_path: Path, method: str) -> None:
+    root = _copy_model(das_root, tmp_path)
+    shutil.copytree(das_root / RUN / "features", root / RUN / "features")
+    _attribute(root, f"method={method}", "queries.sets=[val]")
+    scores, manifest = load_scores(root / RUN / "scores" / method / "val")
+    das, das_manifest = load_scores(das_root / RUN / "scores" / "das" / "val")
+    assert manifest["method"]["residual"] == method.removeprefix("das_")
+    assert manifest["lambda_unit"] == pytest.approx(das_manifest["lambda_unit"])  # same features, same unit
+    assert np.isfinite(scores).all() and (scores >= 0).all()
+    assert not np.allclose(scores, das)  # another residual, other scores
+    psi = root / RUN / "features" / "das-psi" / "train"
+    assert psi.exists() == (method == "das_exact")
+    if method == "das_exact":
+        described = json.loads((psi / "manifest.json").read_text())["features"]
+        assert described["output_function"] == "loss" and not described["normalize_per_timestep"]
+
+
+def test_bad_method_settings_are_refused_before_any_feature(das_root: Path, tmp_path: Path) -> None:
+    root = _copy_model(das_root, tmp_path)
+    for override, message in (
+        ("method.residual=sideways", "method.residual"),
+        ("method.screen_by=nope", "method.screen_by"),
+        ("method.lambda_scale=-1", "method.lambda_scale"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            _attribute(root, override)
+    assert not (root / RUN / "features").exists()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from das_lightning import cli
+from das_lightning.attribution.pipeline import load_scores
 from das_lightning.evaluation.pipeline import MissingSubsetModelsError
 from das_lightning.manifest import ManifestMismatchError
 
@@ -71,7 +72,12 @@ def test_lds_json_has_every_method_set_and_selection(lds_root: Path) -> None:
         if record["lds"] is not None:
             assert -100 <= record["ci_low"] <= record["lds"] <= record["ci_high"] <= 100
     das_oracle = [r for r in records if r["method"] == "das" and r["lambda_selection"] == "oracle"]
-    assert all(r["lambda"] is not None for r in das_oracle)
+    scores_manifest = json.loads((lds_root / RUN / "scores" / "das" / "val" / "manifest.json").read_text())
+    for record in das_oracle:  # c and the absolute lambda, on the features' unit
+        assert record["lambda_scale"] in scores_manifest["lambda_scales"]
+        if record["query_set"] == "val":
+            assert record["lambda"] == pytest.approx(record["lambda_scale"] * scores_manifest["lambda_unit"])
+    assert document["meta"]["seed_rule"] and document["version"] == 2
     differences = document["differences"]
     assert {(d["a"], d["b"], d["query_set"]) for d in differences} == {
         ("das", "pixel", "val"),
@@ -111,6 +117,7 @@ def test_missing_models_exit_cleanly_from_the_command_line(lds_root: Path) -> No
 
 
 def test_counterfactual_retrains_and_measures_distances(lds_root: Path) -> None:
+    _evaluate(lds_root)  # an lds.json with DAS's held-out selection
     cli.run_counterfactual(
         compose(
             "evaluate_lds",
@@ -129,8 +136,70 @@ def test_counterfactual_retrains_and_measures_distances(lds_root: Path) -> None:
     assert np.isfinite(result["median_l2_top"]) and result["median_l2_top"] > 0
     assert result["median_clip_cosine_top"] is None  # no local CLIP: reported as absent, never made up
     kept = json.loads((lds_root / "fashion2" / "tiny" / "cf-das-q0" / "seed0" / "subset.json").read_text())
-    top = json.loads((lds_root / RUN / "scores" / "das" / "generated" / "topk.json").read_text())
-    assert kept["size"] == 43 and not set(top["proponent_indices"][0][:5]) & set(kept["indices"])
+    # the top-5 removed are those at the c the LDS selected on held-out queries (lds.json), not a picture default
+    document = json.loads((lds_root / "fashion2" / "tiny" / "lds" / "lds.json").read_text())
+    (selected,) = [
+        r["lambda_scale"]
+        for r in document["records"]
+        if (r["method"], r["query_set"], r["lambda_selection"]) == ("das", "generated", "heldout")
+    ]
+    assert result["lambda_scale"] == selected and "lds.json" in result["lambda_source"]
+    stacked, manifest = load_scores(lds_root / RUN / "scores" / "das" / "generated")
+    top5 = np.argsort(-stacked[manifest["lambda_scales"].index(selected)][0], kind="stable")[:5]
+    assert kept["size"] == 43 and not set(top5.tolist()) & set(kept["indices"])
+
+
+def test_attribution_after_the_lds_uses_its_heldout_lambda(lds_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "again"
+    shutil.copytree(lds_root, root)
+    _evaluate(root)
+    document = json.loads((root / "fashion2" / "tiny" / "lds" / "lds.json").read_text())
+    result = cli.run_attribute(compose("attribute", [f"paths.root={root}", *TINY_ATTRIBUTE]))
+    for query_set in ("val", "generated"):
+        (selected,) = [
+            r["lambda_scale"]
+            for r in document["records"]
+            if (r["method"], r["query_set"], r["lambda_selection"]) == ("das", query_set, "heldout")
+        ]
+        top = json.loads((root / RUN / "scores" / "das" / query_set / "topk.json").read_text())
+        assert top["picture"]["lambda_scale"] == selected and "lds.json" in top["picture"]["source"]
+        assert result.chosen[query_set].scale == selected
+        stacked, manifest = load_scores(root / RUN / "scores" / "das" / query_set)
+        chosen_scores = stacked[manifest["lambda_scales"].index(selected)]
+        assert top["proponent_indices"][0] == np.argsort(-chosen_scores[0], kind="stable")[:8].tolist()
+
+
+def test_subset_models_of_another_seed_rule_are_refused(lds_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "old-rule"
+    shutil.copytree(lds_root, root)
+    manifest_path = root / "fashion2" / "tiny" / "lds-1" / "seed0" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest.pop("seed_rule")  # as made before subset models shared their seed
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ManifestMismatchError, match="seed_rule") as error:
+        _evaluate(root)
+    assert "lds-1" in str(error.value)
+
+
+def test_heldout_on_queries_and_subsets_reports_on_the_other_subsets(lds_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "split"
+    shutil.copytree(lds_root, root)
+    # a fourth subset model: the split needs two subsets on each side
+    run_entry(
+        "train.py",
+        "-m",
+        "subset=lds",
+        "subset.index=3",
+        f"paths.root={root}",
+        *TINY_TRAIN,
+        "train.max_steps=4",
+        cwd=root,
+    )
+    report = _evaluate(root, "lds.num_subsets=4", "lds.heldout=queries_and_subsets")
+    heldout = [r for r in report.records if r.lambda_selection == "heldout"]
+    oracle = [r for r in report.records if r.lambda_selection == "oracle"]
+    assert all(r.num_subsets == 2 and r.heldout_mode == "queries_and_subsets" for r in heldout)
+    assert all(r.num_subsets == 4 for r in oracle)
 
 
 def test_two_process_ddp_ground_truth_equals_one_process(lds_root: Path, tmp_path: Path) -> None:

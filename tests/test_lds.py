@@ -187,7 +187,7 @@ def test_method_without_lambda_and_outputs(tmp_path) -> None:
     write_lds_json(tmp_path / "lds.json", records, [difference], {"dataset": "toy"})
     document = json.loads((tmp_path / "lds.json").read_text())
     assert document["unit"] == "percent" and document["meta"] == {"dataset": "toy"}
-    assert document["records"][2]["lambda"] == 0.1 and "lambda_" not in document["records"][2]
+    assert document["records"][2]["lambda_scale"] == 0.1 and "lambda_" not in document["records"][2]
     assert document["records"][2]["lds"] == pytest.approx(records[2].lds)
     assert document["differences"][0]["diff"] == pytest.approx(difference.diff)
     table = markdown_table(records, [difference])

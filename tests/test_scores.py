@@ -13,7 +13,6 @@ from das_lightning.attribution.scores import (
     KernelSolver,
     cosine_scores,
     das_scores,
-    default_lambda_grid,
     dot_scores,
     journey_trak_scores,
     relatif_scores,
@@ -175,12 +174,6 @@ def test_scores_for_lambdas_match_single_lambda_calls(features):
         swept = scores_for_lambdas(method, queries, train, lambdas, block_size=9)
         for lam in lambdas:
             np.testing.assert_allclose(swept[lam], SCORERS[method](queries, train, lam), rtol=1e-6)
-
-
-def test_default_lambda_grid():
-    grid = default_lambda_grid()
-    assert len(grid) == 27 and grid[0] == 0.01 and grid[-1] == 5e6
-    assert grid == sorted(grid) and 2e3 in grid
 
 
 def test_journey_trak_is_sum_of_per_step_trak(features):

@@ -400,7 +400,7 @@ def test_train_attribute_and_lds_run_end_to_end_on_a_lora_pipeline(
     )
     assert list(result.folders) == ["val"]  # the experiment attributes validation queries only
     scores, manifest = load_scores(result.folders["val"])
-    assert scores.shape == (len(manifest["lambdas"]), 4, 8)
+    assert scores.shape == (len(manifest["lambda_scales"]), 4, 8)
     assert np.isfinite(scores).all() and (scores >= 0).all()
     # the features differentiate exactly the adapter weights of the trained model
     store_manifest = json.loads((full.features_dir / "das" / "train" / "manifest.json").read_text())

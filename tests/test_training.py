@@ -19,6 +19,7 @@ from das_lightning.models.adapters import MeasuredModel
 from das_lightning.models.ddpm import DiffusionModule, OptimizerSettings
 from das_lightning.models.sampling import SamplerSettings, ddim_sample
 from das_lightning.models.unet import build_unet
+from das_lightning.training import SEED_RULE
 
 from conftest import TINY_TRAIN, compose, run_entry
 
@@ -133,7 +134,43 @@ def test_multirun_trains_two_different_subsets(tmp_path: Path) -> None:
         json.loads((tmp_path / "fashion2" / "tiny" / f"lds-{k}" / "seed0" / "manifest.json").read_text())
         for k in (0, 1)
     ]
-    assert manifests[0]["training_seed"] != manifests[1]["training_seed"]
+    # the protocol's common random numbers: subset models of one seed r share their training seed
+    assert manifests[0]["training_seed"] == manifests[1]["training_seed"]
+    assert manifests[0]["seed_rule"] == manifests[1]["seed_rule"] == SEED_RULE
+
+
+def test_subset_models_of_one_seed_start_from_identical_weights_and_the_full_model_does_not(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from das_lightning import cli
+    from das_lightning.models import unet as unet_module
+
+    initial: dict[str, dict[str, torch.Tensor]] = {}
+    current: list[str] = []
+
+    def recording_build_unet(**kwargs):
+        model = build_unet(**kwargs)
+        initial[current[-1]] = {name: value.clone() for name, value in model.state_dict().items()}
+        return model
+
+    monkeypatch.setattr(unet_module, "build_unet", recording_build_unet)
+    for tag, overrides in (
+        ("lds-0", ["subset=lds", "subset.index=0"]),
+        ("lds-1", ["subset=lds", "subset.index=1"]),
+        ("full", []),
+        ("lds-0-seed1", ["subset=lds", "subset.index=0", "seed=1"]),
+    ):
+        current.append(tag)
+        cli.run_train(
+            compose("train", [f"paths.root={tmp_path}", *TINY_TRAIN, "train.max_steps=1", *overrides])
+        )
+
+    def same(a: str, b: str) -> bool:
+        return all(torch.equal(initial[a][name], initial[b][name]) for name in initial[a])
+
+    assert same("lds-0", "lds-1")  # what differs between them is their data
+    assert not same("lds-0", "full")  # the full model's seed is its own
+    assert not same("lds-0", "lds-0-seed1")  # another r, another initialisation
 
 
 @pytest.mark.parametrize(

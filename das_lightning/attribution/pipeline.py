@@ -2,9 +2,11 @@
 -> top-k lists and pictures. One function per concern; method differences live in a small table, not in branches.
 
 Outputs, under ``<run>/scores/<method>/<query set>/``:
-    scores.npy     lambdas x queries x train (float32); methods without lambda have one row of lambdas ([0.0])
-    manifest.json  the feature manifests' keys, method settings, lambdas, query list identity
-    topk.json      top proponents/opponents per query at the picture lambda
+    scores.npy     lambdas x queries x train (float32), one row per c of ``method.lambda_scales`` (lambda = c x unit,
+                   see :mod:`das_lightning.lambdas`); methods without lambda have one row
+    manifest.json  the feature manifests' keys, method settings, c grid, unit and lambdas, query list identity,
+                   and the c chosen for pictures with its source
+    topk.json      top proponents/opponents per query at the chosen c (the LDS's held-out selection if any)
     grid.png       each row a query and its top proponents (then opponents)
 """
 
@@ -28,6 +30,7 @@ from das_lightning.attribution.features import CollectionDevice, FeatureSettings
 from das_lightning.attribution.store import FeatureStore
 from das_lightning.data import ImageDataset, ModelSpaceDataset, content_entry
 from das_lightning.distributed import is_global_zero
+from das_lightning.lambdas import DEFAULT_LAMBDA_SCALE, ChosenScale, choose_scale, default_scale_grid
 from das_lightning.manifest import (
     atomic_write_text,
     hash_array,
@@ -50,11 +53,12 @@ class MethodSettings:
     name: str = "das"
     kind: str = "das"  # scorer: das trak dtrak relatif renorm grad_cos pixel clip tracin journey_trak
     features: FeatureSettings | None = field(default_factory=FeatureSettings)
-    lambdas: list[float] = field(default_factory=scoring.default_lambda_grid)
-    picture_lambda: float | None = None  # None: the grid value nearest the mean squared train-feature norm
+    # kernel methods: lambda = c * trace(K) / N for every c of the grid (das_lightning/lambdas.py); [] = no lambda
+    lambda_scales: list[float] | None = field(default_factory=default_scale_grid)  # None: the default grid
+    lambda_scale: float = DEFAULT_LAMBDA_SCALE  # c for pictures and top-k until an LDS has selected one
     leverage: bool = True  # DAS: 1 / (1 - h_ii)
     square: bool = True  # DAS: squared change of the output
-    residual: bool = True  # DAS: r_i weighting
+    residual: str = "normalized"  # DAS: none | normalized (authors' r_i) | magnitude | exact (see RESIDUALS)
     residual_timesteps: int = 50  # DAS residual: per-timestep losses on a uniform grid of this many timesteps
     similarity: str = "cosine"  # pixel / clip / grad_cos: dot or cosine
     clip_model: str = "openai/clip-vit-base-patch32"
@@ -64,6 +68,40 @@ class MethodSettings:
     top_k: int = 8
     num_grid_queries: int = 8
     block_size: int = 1024
+
+    def __post_init__(self) -> None:
+        if isinstance(self.residual, bool):  # residual: true/false in older configs
+            self.residual = "normalized" if self.residual else "none"
+        if self.lambda_scales is None:
+            self.lambda_scales = default_scale_grid()
+
+    def validate(self) -> None:
+        """Refuse bad settings before any feature is computed."""
+        if self.residual not in RESIDUALS:
+            raise ValueError(f"method.residual must be one of {sorted(RESIDUALS)}, not {self.residual!r}")
+        if self.kind == "das" and self.residual == "exact" and not self.leverage:
+            raise ValueError(
+                "method.residual=exact is the exact leave-one-out: it needs method.leverage=true"
+            )
+        if any(float(c) <= 0 for c in self.lambda_scales):
+            raise ValueError(
+                f"method.lambda_scales must be positive multiples of the unit, got {self.lambda_scales}"
+            )
+        if self.lambda_scale <= 0:
+            raise ValueError(f"method.lambda_scale must be positive, got {self.lambda_scale}")
+        if self.screen_by not in {None, "pixel", "clip"}:
+            raise ValueError(f"method.screen_by must be pixel, clip or null, not {self.screen_by!r}")
+        if self.similarity not in {"dot", "cosine"}:
+            raise ValueError(f"method.similarity must be dot or cosine, not {self.similarity!r}")
+
+
+# DAS residual variants (METHOD.md §2 and the README's LDS section)
+RESIDUALS = {
+    "none": "r_i = 1",
+    "normalized": "the authors' r_i: sqrt of the per-timestep loss, unit-normalised over t, averaged over t",
+    "magnitude": "r_i = sqrt(mean_t L_t(x_i)) relative to its mean over the training images",
+    "exact": "Sherman-Morrison with psi_i, the projected gradient of x_i's own training loss",
+}
 
 
 @dataclass
@@ -81,6 +119,7 @@ class AttributionInputs:
     scores_dir: Path
     snapshots: list[tuple[Path, float]] = field(default_factory=list)  # (weights file, lr) for TracIn
     journey: dict[str, list[tuple[int, torch.Tensor]]] = field(default_factory=dict)  # set -> [(t, x0_hat)]
+    lds_file: Path | None = None  # lds.json of this model: its held-out lambda selection feeds the pictures
 
 
 def _images(dataset: ImageDataset) -> torch.Tensor:
@@ -112,26 +151,11 @@ def _feature_store(
     return store.require_complete()
 
 
-def _picture_lambda(method: MethodSettings, train_features: np.ndarray | None) -> float:
-    if not method.lambdas:
-        return 0.0
-    if method.picture_lambda is not None:
-        return float(method.picture_lambda)
-    squared = float(
-        np.mean(
-            [
-                np.sum(np.asarray(row, dtype=np.float64) ** 2)
-                for row in train_features[: min(len(train_features), 2048)]
-            ]
-        )
-    )
-    return float(min(method.lambdas, key=lambda lam: abs(np.log(lam) - np.log(max(squared, 1e-12)))))
-
-
-def das_residuals(
+def das_residual_losses(
     inputs: AttributionInputs, method: MethodSettings, e_seed: int, device: torch.device | None = None
-) -> np.ndarray:
-    """r_i from each training image's per-timestep loss under the shared noise rule (METHOD.md §2)."""
+) -> torch.Tensor:
+    """Each training image's per-timestep loss (N x T) under the shared noise rule, on a uniform grid of
+    ``method.residual_timesteps`` timesteps: what the normalized and magnitude residuals are made of."""
     from das_lightning.evaluation.ground_truth import query_losses
 
     model = inputs.model
@@ -159,7 +183,23 @@ def das_residuals(
         for t in range(0, 1000, step)
     ]
     model.network.to(home)
-    return scoring.residual_weights(torch.stack(per_timestep, dim=1))
+    return torch.stack(per_timestep, dim=1)
+
+
+RESIDUAL_WEIGHTS = {"normalized": scoring.residual_weights, "magnitude": scoring.magnitude_residuals}
+
+
+def psi_settings(features: FeatureSettings) -> FeatureSettings:
+    """The features of each train sample's own loss (residual=exact): TRAK's loss gradient with the same
+    timesteps, noise rule and projector as ``features``, without per-timestep normalisation (a true gradient)."""
+    return FeatureSettings(
+        **{
+            **asdict(features),
+            "name": f"{features.name}-psi",
+            "output_function": "loss",
+            "normalize_per_timestep": False,
+        }
+    )
 
 
 def clip_embeddings(dataset: ImageDataset, model_name: str) -> np.ndarray:
@@ -206,7 +246,7 @@ def _flat_pixels(dataset: ImageDataset) -> np.ndarray:
 # Each entry computes {lambda: scores (queries x train)} for one query set. Kernel methods share one solver per
 # feature set, so the O(k^3) factorisation is done once for every query set and lambda.
 
-ScoreFunction = Callable[["_Context", str], dict[float, np.ndarray]]
+ScoreFunction = Callable[["_Context", str], dict[float | None, np.ndarray]]
 
 
 @dataclass
@@ -233,6 +273,18 @@ class _Context:
             self.device,
             self.logger,
         )
+
+    def train_psi(self) -> FeatureStore:
+        if "psi" not in self.cache:
+            self.cache["psi"] = _feature_store(
+                self.inputs,
+                psi_settings(self.method.features),
+                self.inputs.train_set,
+                "train",
+                self.device,
+                self.logger,
+            )
+        return self.cache["psi"]
 
     def solver(self, normalized: bool = False) -> scoring.KernelSolver:
         key = "solver-normalized" if normalized else "solver"
@@ -262,29 +314,61 @@ def _mask(context: _Context, query_set: str) -> np.ndarray | None:
     return scoring.screen_candidates(cheap, method.screen_top)
 
 
+def _by_scale(
+    context: _Context, solver: scoring.KernelSolver, score: Callable[[list[float]], dict[float, np.ndarray]]
+) -> dict[float, np.ndarray]:
+    """{c: scores} from a kernel scorer called with the absolute lambdas c * unit of the grid."""
+    unit = solver.lambda_unit
+    context.cache["lambda_unit"] = unit
+    context.cache["spectrum"] = solver.relative_spectrum()
+    scales = [float(c) for c in context.method.lambda_scales]
+    by_lambda = score([c * unit for c in scales])
+    return {c: by_lambda[c * unit] for c in scales}
+
+
 def _kernel_scores(context: _Context, query_set: str) -> dict[float, np.ndarray]:
     method = context.method
     options: dict[str, Any] = {}
     if method.kind == "das":
         options = {"leverage": method.leverage, "square": method.square}
-        if method.residual:
-            if "residuals" not in context.cache:
-                context.cache["residuals"] = das_residuals(
+        if method.residual == "exact":
+            options["train_psi"] = _Negated(context.train_psi().features)  # psi_i = minus the loss gradient
+        elif method.residual != "none":
+            if "residual_losses" not in context.cache:
+                context.cache["residual_losses"] = das_residual_losses(
                     context.inputs, method, method.features.e_seed, context.device.torch_device()
                 )
-            options["residuals"] = context.cache["residuals"]
+            options["residuals"] = RESIDUAL_WEIGHTS[method.residual](context.cache["residual_losses"])
     train = context.train_store().features
     queries = context.query_store(query_set).features
-    return scoring.scores_for_lambdas(
-        method.kind,
-        queries,
-        train,
-        method.lambdas,
-        solver=context.solver(method.kind == "renorm"),
-        mask=_mask(context, query_set),
-        block_size=method.block_size,
-        **options,
+    solver = context.solver(method.kind == "renorm")
+    return _by_scale(
+        context,
+        solver,
+        lambda lambdas: scoring.scores_for_lambdas(
+            method.kind,
+            queries,
+            train,
+            lambdas,
+            solver=solver,
+            mask=_mask(context, query_set),
+            block_size=method.block_size,
+            **options,
+        ),
     )
+
+
+class _Negated:
+    """A row view of features with every row negated (psi_i is minus the gradient of x_i's own loss)."""
+
+    def __init__(self, features: Any):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return -np.asarray(self.features[rows], dtype=np.float64)
 
 
 def _similarity(method: MethodSettings) -> Callable[..., np.ndarray]:
@@ -298,13 +382,15 @@ def _grad_similarity_scores(context: _Context, query_set: str) -> dict[float, np
     scorer = _similarity(context.method)
     train = context.train_store().features
     queries = context.query_store(query_set).features
-    return {0.0: scorer(queries, train, mask=_mask(context, query_set), block_size=context.method.block_size)}
+    return {
+        None: scorer(queries, train, mask=_mask(context, query_set), block_size=context.method.block_size)
+    }
 
 
 def _pixel_scores(context: _Context, query_set: str) -> dict[float, np.ndarray]:
     scorer = _similarity(context.method)
     return {
-        0.0: scorer(
+        None: scorer(
             _flat_pixels(context.inputs.query_sets[query_set]), _flat_pixels(context.inputs.train_set)
         )
     }
@@ -316,7 +402,7 @@ def _clip_scores(context: _Context, query_set: str) -> dict[float, np.ndarray]:
     if "clip-train" not in context.cache:
         context.cache["clip-train"] = clip_embeddings(context.inputs.train_set, name)
     return {
-        0.0: scorer(clip_embeddings(context.inputs.query_sets[query_set], name), context.cache["clip-train"])
+        None: scorer(clip_embeddings(context.inputs.query_sets[query_set], name), context.cache["clip-train"])
     }
 
 
@@ -346,7 +432,7 @@ def _tracin_scores(context: _Context, query_set: str) -> dict[float, np.ndarray]
             weights_file,
         )
         terms.append((lr, queries.features, train.features))
-    return {0.0: scoring.tracin_scores(terms, block_size=method.block_size)}
+    return {None: scoring.tracin_scores(terms, block_size=method.block_size)}
 
 
 def _copy_with_weights(unet: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -387,13 +473,18 @@ def _journey_scores(context: _Context, query_set: str) -> dict[float, np.ndarray
             ).features
         )
     train = context.train_store().features
-    return scoring.scores_for_lambdas(
-        "journey_trak",
-        np.stack([np.asarray(s) for s in steps]),
-        train,
-        method.lambdas,
-        solver=context.solver(),
-        block_size=method.block_size,
+    solver = context.solver()
+    return _by_scale(
+        context,
+        solver,
+        lambda lambdas: scoring.scores_for_lambdas(
+            "journey_trak",
+            np.stack([np.asarray(s) for s in steps]),
+            train,
+            lambdas,
+            solver=solver,
+            block_size=method.block_size,
+        ),
     )
 
 
@@ -412,7 +503,9 @@ NEEDS_FEATURES = {"das", "trak", "dtrak", "relatif", "renorm", "grad_cos", "trac
 class AttributionResult:
     method: str
     folders: dict[str, Path]
-    picture_lambda: float
+    chosen: dict[
+        str, ChosenScale | None
+    ]  # per query set: the c of the pictures and its source (None: no lambda)
 
 
 def attribute(
@@ -425,43 +518,64 @@ def attribute(
 
     Under DDP every rank runs this: feature collection is collective, so each rank takes part in every set's
     collection, and only global rank zero writes the score folders (the others return the same folder paths)."""
-    if method.kind not in METHOD_KINDS:
-        raise ValueError(f"unknown method kind {method.kind!r}; choose one of {sorted(METHOD_KINDS)}")
-    if method.kind in NEEDS_FEATURES and method.features is None:
-        raise ValueError(f"method {method.name!r} ({method.kind}) needs a features section")
+    validate_method(method)
     if method.kind == "clip" or method.screen_by == "clip":
         load_local_clip(method.clip_model)  # fail before anything is written
     context = _Context(inputs, method, device, logger)
     folders: dict[str, Path] = {}
-    picture_lambda = 0.0
+    chosen: dict[str, ChosenScale | None] = {}
     for query_set, queries in inputs.query_sets.items():
-        by_lambda = METHOD_KINDS[method.kind](context, query_set)
-        lambdas = sorted(by_lambda)
-        stacked = np.stack([by_lambda[lam] for lam in lambdas]).astype(
-            np.float32
-        )  # lambdas x queries x train
+        by_scale = METHOD_KINDS[method.kind](context, query_set)
+        scales = sorted(by_scale, key=lambda c: -1.0 if c is None else c)
+        stacked = np.stack([by_scale[c] for c in scales]).astype(np.float32)  # lambdas x queries x train
         if not np.all(np.isfinite(stacked)):
             raise FloatingPointError(f"{method.name}: non-finite scores for {query_set}; check the features")
-        train_features = context.cache["train"].features if "train" in context.cache else None
-        picture_lambda = _picture_lambda(method, train_features) if len(lambdas) > 1 else lambdas[0]
+        has_lambda = scales != [None]
+        chosen[query_set] = (
+            choose_scale(inputs.lds_file, method.name, query_set, method.lambda_scale) if has_lambda else None
+        )
+        if chosen[query_set] is not None and chosen[query_set].scale not in by_scale:
+            raise ValueError(
+                f"lambda scale c = {chosen[query_set].scale:g} ({chosen[query_set].source}) is not on the grid "
+                f"method.lambda_scales; add it or set method.lambda_scale to a grid value"
+            )
+        lambda_info = (
+            {
+                "lambda_scales": scales,
+                "lambda_unit": context.cache["lambda_unit"],
+                "lambdas": [c * context.cache["lambda_unit"] for c in scales],
+                "spectrum_relative": list(context.cache["spectrum"]),
+            }
+            if has_lambda
+            else {"lambda_scales": None, "lambda_unit": None, "lambdas": None}
+        )
         folder = inputs.scores_dir / method.name / query_set
         folders[query_set] = folder
         if is_global_zero():
-            _write_scores(folder, stacked, lambdas, picture_lambda, method, inputs, queries)
+            _write_scores(folder, stacked, lambda_info, chosen[query_set], method, inputs, queries)
             _log_pictures(folder, logger, method.name, query_set)
-    return AttributionResult(method.name, folders, picture_lambda)
+    return AttributionResult(method.name, folders, chosen)
+
+
+def validate_method(method: MethodSettings) -> None:
+    """Every check of a method's settings, before any work (the CLI calls it before loading the model)."""
+    if method.kind not in METHOD_KINDS:
+        raise ValueError(f"unknown method kind {method.kind!r}; choose one of {sorted(METHOD_KINDS)}")
+    if method.kind in NEEDS_FEATURES and method.features is None:
+        raise ValueError(f"method {method.name!r} ({method.kind}) needs a features section")
+    method.validate()
 
 
 def score_manifest(
-    method: MethodSettings, inputs: AttributionInputs, queries: ImageDataset, lambdas: list[float]
+    method: MethodSettings, inputs: AttributionInputs, queries: ImageDataset, lambda_info: dict[str, Any]
 ) -> dict[str, Any]:
     """What a score matrix was made from; evaluate_lds refuses scores for another train set or query list."""
     settings = asdict(method)
-    for key in ("picture_lambda", "top_k", "num_grid_queries", "block_size"):
+    for key in ("lambda_scale", "top_k", "num_grid_queries", "block_size"):
         settings.pop(key)
     return {
         "method": settings,
-        "lambdas": lambdas,
+        **lambda_info,
         "checkpoint": hash_file(inputs.model.weights_file),
         "train_set": inputs.train_set.set_name,
         "num_train": len(inputs.train_set),
@@ -472,25 +586,35 @@ def score_manifest(
     }
 
 
+def scores_at(stacked: np.ndarray, manifest: dict[str, Any], scale: float | None) -> np.ndarray:
+    """The queries x train scores of a score folder at lambda scale c (the only row when it has no lambda)."""
+    scales = manifest.get("lambda_scales")
+    if not scales:
+        return np.asarray(stacked[0])
+    if scale not in scales:
+        raise ValueError(f"lambda scale c = {scale} is not among the stored c values {scales}")
+    return np.asarray(stacked[scales.index(scale)])
+
+
 def _write_scores(
     folder: Path,
     stacked: np.ndarray,
-    lambdas: list[float],
-    picture_lambda: float,
+    lambda_info: dict[str, Any],
+    chosen: ChosenScale | None,
     method: MethodSettings,
     inputs: AttributionInputs,
     queries: ImageDataset,
 ) -> None:
-    manifest = score_manifest(method, inputs, queries, lambdas)
+    manifest = score_manifest(method, inputs, queries, lambda_info)
+    picture = None if chosen is None else chosen.describe(lambda_info["lambda_unit"])
     folder.mkdir(parents=True, exist_ok=True)
-    write_manifest(folder, {**manifest, "complete": False})
+    write_manifest(folder, {**manifest, "picture": picture, "complete": False})
     tmp = folder / f"{SCORES_FILE}.tmp"
     with open(tmp, "wb") as handle:
         np.save(handle, stacked)
     tmp.replace(folder / SCORES_FILE)
-    chosen = stacked[lambdas.index(picture_lambda)] if picture_lambda in lambdas else stacked[0]
-    top = scoring.topk(chosen, method.top_k)
-    atomic_write_text(folder / "topk.json", json.dumps({"lambda": picture_lambda, **top}))
+    top = scoring.topk(scores_at(stacked, manifest, None if chosen is None else chosen.scale), method.top_k)
+    atomic_write_text(folder / "topk.json", json.dumps({"picture": picture, **top}))
     shown = min(method.num_grid_queries, len(queries))
     grid = attribution_grid(
         torch.stack([queries[i]["image"] for i in range(shown)]) if shown else torch.zeros(0),
@@ -499,7 +623,7 @@ def _write_scores(
         opponent_indices=top["opponent_indices"][:shown],
     )
     grid.save(folder / "grid.png")
-    write_manifest(folder, {**manifest, "complete": True})
+    write_manifest(folder, {**manifest, "picture": picture, "complete": True})
 
 
 def _log_pictures(folder: Path, logger: Any, method: str, query_set: str) -> None:

@@ -149,6 +149,19 @@ class KernelSolver:
         return int(self.eigenvectors.shape[0])
 
     @property
+    def lambda_unit(self) -> float:
+        """trace(K) / N, the mean squared train-feature norm: lambda = c * unit (see :mod:`das_lightning.lambdas`)."""
+        return float(self.eigenvalues.sum()) / self.num_samples
+
+    def relative_spectrum(self, negligible: float = 1e-9) -> tuple[float, float]:
+        """(smallest non-negligible, largest) eigenvalue of K in units of :attr:`lambda_unit`; eigenvalues below
+        ``negligible`` x the largest are rounding noise of a rank-deficient K."""
+        largest = float(self.eigenvalues.max())
+        kept = self.eigenvalues[self.eigenvalues > negligible * largest]
+        unit = self.lambda_unit
+        return float(kept.min()) / unit, largest / unit
+
+    @property
     def rank(self) -> int:
         """How many directions V keeps (k for the kernel form, at most N for the Gram form)."""
         return int(self.eigenvectors.shape[1])
@@ -217,6 +230,9 @@ class _BlockTerms:
     inverse_scale: float  # 1 / mean|(K + lambda I)^-1| under normalize_inverse, else 1
     start: int
     stop: int
+    # residual=exact only: phi_q^T (K + lambda I)^-1 psi_i (M x b) and phi_i^T (K + lambda I)^-1 psi_i (b)
+    query_psi: torch.Tensor | None = None
+    self_psi: torch.Tensor | None = None
 
 
 # Turns the block terms into the scores of one method; a kernel method is the pair (finisher, needs leverage).
@@ -248,13 +264,22 @@ def _kernel_scores(
     mask: Any,
     block_size: int,
     normalize_inverse: bool,
+    train_psi: RowSliceable | None = None,
 ) -> dict[float, np.ndarray]:
-    """One pass over the train features producing the (M, N) scores of one kernel method for every lambda."""
+    """One pass over the train features producing the (M, N) scores of one kernel method for every lambda.
+
+    ``train_psi`` (N x k, DAS's exact residual): each train sample's own loss direction psi_i, read block by block
+    beside Phi; it need not lie in the span of the train rows, so the Gram form adds its 1/lambda part outside."""
     solver = solver if solver is not None else KernelSolver.from_features(train_features, block_size)
     num_train = len(train_features)
     if solver.num_samples != num_train:
         raise ValueError(f"solver was built on {solver.num_samples} train samples, features have {num_train}")
-    queries_eigen = solver.to_eigenbasis(_read_all(query_features))  # M x k
+    queries = _read_all(query_features)
+    queries_eigen = solver.to_eigenbasis(queries)  # M x r
+    # the part of the queries outside V's span (Gram form): it meets psi there, through the 1/lambda term
+    queries_outside = queries - queries_eigen @ solver.eigenvectors.T if solver.rank < solver.dim else None
+    if train_psi is not None and len(train_psi) != num_train:
+        raise ValueError(f"train_psi has {len(train_psi)} rows, train features {num_train}")
     num_queries = int(queries_eigen.shape[0])
     _check_mask(mask, num_queries, num_train)
     lambdas = [float(lam) for lam in lambdas]
@@ -262,16 +287,30 @@ def _kernel_scores(
     scales = {lam: 1.0 / solver.inverse_mean_abs(lam) if normalize_inverse else 1.0 for lam in lambdas}
     results = {lam: np.zeros((num_queries, num_train), dtype=np.float32) for lam in lambdas}
     for start, stop, block in iter_row_blocks(train_features, block_size):
-        block_eigen = solver.to_eigenbasis(block)  # b x k, shared by every lambda
+        block_eigen = solver.to_eigenbasis(block)  # b x r, shared by every lambda
         block_eigen_squared = block_eigen.square() if needs_leverage else None
+        psi = None if train_psi is None else _as_float64(train_psi[start:stop])  # b x k
+        psi_eigen = None if psi is None else solver.to_eigenbasis(psi)  # b x r
+        psi_outside_products = (
+            None if psi is None or queries_outside is None else queries_outside @ psi.T
+        )  # M x b, phi_q^T (I - V V^T) psi_i
         for lam in lambdas:
             inverse_spectrum = inverse_spectra[lam]
+            query_psi = self_psi = None
+            if psi_eigen is not None:
+                query_psi = (queries_eigen * inverse_spectrum) @ psi_eigen.T
+                if psi_outside_products is not None:
+                    query_psi = query_psi + psi_outside_products / lam
+                # phi_i lies in V's span: no outside term
+                self_psi = (block_eigen * psi_eigen * inverse_spectrum).sum(dim=1)
             terms = _BlockTerms(
                 similarity=(queries_eigen * inverse_spectrum) @ block_eigen.T,
                 leverage=None if block_eigen_squared is None else block_eigen_squared @ inverse_spectrum,
                 inverse_scale=scales[lam],
                 start=start,
                 stop=stop,
+                query_psi=query_psi,
+                self_psi=self_psi,
             )
             scores = _mask_block(finisher(terms), mask, start, stop)
             results[lam][:, start:stop] = scores.numpy().astype(np.float32)
@@ -296,7 +335,14 @@ def _das_finisher(
     residual_tensor = None if residuals is None else torch.as_tensor(residuals, dtype=torch.float64)
 
     def finish(terms: _BlockTerms) -> torch.Tensor:
-        # f_theta*(q) - f_theta\i(q) for a model linear in theta (exact Sherman-Morrison leave-one-out)
+        if terms.query_psi is not None:
+            # exact Sherman-Morrison with the train sample's own loss direction psi_i (not assumed parallel to
+            # phi_i): phi_q^T H^-1 psi_i + (phi_q^T H^-1 phi_i)(phi_i^T H^-1 psi_i) / (1 - h_ii)
+            assert terms.self_psi is not None and terms.leverage is not None
+            change = terms.query_psi + terms.similarity * terms.self_psi / (1.0 - terms.leverage)
+            change = change * terms.inverse_scale
+            return change.square() if square else change
+        # the one-step form with psi_i = r_i phi_i: phi_q^T H^-1 phi_i r_i / (1 - h_ii)
         change = terms.similarity * terms.inverse_scale
         if residual_tensor is not None:
             change = change * residual_tensor[terms.start : terms.stop]
@@ -351,16 +397,22 @@ def das_scores(
     leverage: bool = True,
     square: bool = True,
     *,
+    train_psi: RowSliceable | None = None,
     solver: KernelSolver | None = None,
     mask: Any = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     normalize_inverse: bool = False,
 ) -> np.ndarray:
-    """DAS: (phi_q^T (K + lambda I)^-1 phi_i * r_i / (1 - h_ii))^2.
+    """DAS: (phi_q^T (K + lambda I)^-1 phi_i * r_i / (1 - h_ii))^2, or with ``train_psi`` the exact form.
 
-    For a model linear in its parameters this is exactly (f_theta*(q) - f_theta\\i(q))^2, the squared change of the
-    output on q when sample i is left out; ``square=False`` keeps the sign (positive: including i raises f(q)).
-    ``residuals`` are the r_i (see :func:`residual_weights`; None means r_i = 1); ``leverage=False`` drops 1/(1-h_ii).
+    The one-step form is the squared change of the output on q when sample i is left out of a ridge least-squares
+    fit of a model linear in its parameters, *if* the gradient of sample i's own loss is r_i phi_i with r_i its
+    signed residual (METHOD.md §2); with any other r_i (the authors' normalised r_i, or none) it is an
+    approximation. ``train_psi`` (N x k, psi_i = minus the gradient of sample i's own loss, in feature space) drops
+    that assumption: phi_q^T H^-1 psi_i + (phi_q^T H^-1 phi_i)(phi_i^T H^-1 psi_i) / (1 - h_ii) is the exact
+    Sherman-Morrison leave-one-out change for the linearised model, and equals the one-step form when
+    psi_i = r_i phi_i. ``square=False`` keeps the sign (positive: including i raises f(q)); ``leverage=False``
+    drops 1/(1-h_ii) (the exact form needs it).
     """
     return das_scores_for_lambdas(
         query_features,
@@ -369,6 +421,7 @@ def das_scores(
         residuals,
         leverage,
         square,
+        train_psi=train_psi,
         solver=solver,
         mask=mask,
         block_size=block_size,
@@ -384,12 +437,15 @@ def das_scores_for_lambdas(
     leverage: bool = True,
     square: bool = True,
     *,
+    train_psi: RowSliceable | None = None,
     solver: KernelSolver | None = None,
     mask: Any = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     normalize_inverse: bool = False,
 ) -> dict[float, np.ndarray]:
     """:func:`das_scores` for every lambda, in one pass over the train features."""
+    if train_psi is not None and (residuals is not None or not leverage):
+        raise ValueError("the exact DAS residual (train_psi) replaces residuals and needs leverage=True")
     return _kernel_scores(
         query_features,
         train_features,
@@ -400,6 +456,7 @@ def das_scores_for_lambdas(
         mask=mask,
         block_size=block_size,
         normalize_inverse=normalize_inverse,
+        train_psi=train_psi,
     )
 
 
@@ -571,6 +628,8 @@ def _kernel_method(method: str, options: dict[str, Any], num_train: int) -> tupl
     if method == "das":
         leverage = bool(options.get("leverage", True))
         residuals = _residual_vector(options.get("residuals"), num_train)
+        if options.get("train_psi") is not None and (residuals is not None or not leverage):
+            raise ValueError("the exact DAS residual (train_psi) replaces residuals and needs leverage=True")
         return _das_finisher(residuals, leverage, bool(options.get("square", True))), leverage
     raise KeyError(f"{method!r} is not a kernel method; kernel methods: {sorted(KERNEL_METHODS)}")
 
@@ -592,8 +651,8 @@ def scores_for_lambdas(
 ) -> dict[float, np.ndarray]:
     """Scores of a kernel method for every lambda, from one factorisation and one pass over the train features.
 
-    ``options`` are the method's own (``residuals``, ``leverage``, ``square`` for DAS). ``query_features`` is
-    steps x queries x k for journey_trak. Memory of the result: len(lambdas) x M x N float32.
+    ``options`` are the method's own (``residuals``, ``leverage``, ``square``, ``train_psi`` for DAS).
+    ``query_features`` is steps x queries x k for journey_trak. Memory of the result: len(lambdas) x M x N float32.
     """
     finisher, needs_leverage = _kernel_method(method, options, len(train_features))
     if method == "renorm":
@@ -610,20 +669,11 @@ def scores_for_lambdas(
         mask=mask,
         block_size=block_size,
         normalize_inverse=normalize_inverse,
+        train_psi=options.get("train_psi"),
     )
 
 
-def default_lambda_grid() -> list[float]:
-    """{1, 2, 5} x 10^e for e in -2..6, ascending (the sweep of METHOD.md §2)."""
-    return [float(f"{mantissa}e{exponent}") for exponent in range(-2, 7) for mantissa in (1, 2, 5)]
-
-
-def residual_weights(per_timestep_losses: Any) -> np.ndarray:
-    """r_i = mean_t( sqrt(L_t(x_i)) / ||sqrt(L_.(x_i))||_2 ) from per-timestep training losses (N x T -> N).
-
-    Each row is unit-normalised over t before averaging, so r_i lies in [1/T, 1/sqrt(T)]: it measures how evenly
-    the loss of x_i is spread over timesteps, not its size. A row of zero losses has r_i = 0.
-    """
+def _loss_matrix(per_timestep_losses: Any) -> np.ndarray:
     if isinstance(per_timestep_losses, torch.Tensor):
         per_timestep_losses = per_timestep_losses.detach().cpu().numpy()
     losses = np.asarray(per_timestep_losses, dtype=np.float64)
@@ -631,10 +681,29 @@ def residual_weights(per_timestep_losses: Any) -> np.ndarray:
         raise ValueError(f"per_timestep_losses must be train x timesteps, got shape {losses.shape}")
     if (losses < 0).any():
         raise ValueError("per-timestep losses must be non-negative")
+    return losses
+
+
+def residual_weights(per_timestep_losses: Any) -> np.ndarray:
+    """``residual=normalized`` (the authors' code): r_i = mean_t( sqrt(L_t(x_i)) / ||sqrt(L_.(x_i))||_2 ) from
+    per-timestep training losses (N x T -> N).
+
+    Each row is unit-normalised over t before averaging, so r_i lies in [1/T, 1/sqrt(T)]: it keeps the shape of the
+    loss-vs-t curve and drops its size (measured: 2.2% variation across images). A row of zero losses has r_i = 0.
+    """
+    losses = _loss_matrix(per_timestep_losses)
     roots = np.sqrt(losses)
     norms = np.linalg.norm(roots, axis=1, keepdims=True)
     normalised = np.divide(roots, norms, out=np.zeros_like(roots), where=norms > 0)
     return normalised.mean(axis=1)
+
+
+def magnitude_residuals(per_timestep_losses: Any) -> np.ndarray:
+    """``residual=magnitude``: r_i = sqrt(mean_t L_t(x_i)), the size of sample i's residual, divided by its mean
+    over the training images (N x T -> N, mean 1; a global factor changes no ranking)."""
+    sizes = np.sqrt(_loss_matrix(per_timestep_losses).mean(axis=1))
+    mean = sizes.mean()
+    return sizes / mean if mean > 0 else sizes
 
 
 def screen_candidates(cheap_scores: Any, m: int) -> np.ndarray:

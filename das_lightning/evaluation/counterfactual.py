@@ -5,6 +5,7 @@ random images is the control; a better attribution moves the image further."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,14 +13,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from das_lightning.attribution.pipeline import clip_image_embeddings, load_local_clip, load_scores
+from das_lightning.attribution.pipeline import (
+    clip_image_embeddings,
+    load_local_clip,
+    load_scores,
+    scores_at,
+)
 from das_lightning.data import ImageDataset
+from das_lightning.lambdas import DEFAULT_LAMBDA_SCALE, choose_scale
 from das_lightning.manifest import atomic_write_text
 from das_lightning.models.adapters import ModelAdapter
 from das_lightning.models.sampling import ddim_sample
 from das_lightning.paths import RunPaths
 from das_lightning.seeding import derive_seed
 from das_lightning.training import SubsetSettings, load_finished, load_generated_queries, stored_sampler
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,6 +48,8 @@ class CounterfactualResult:
     l2_random: list[float]
     median_clip_cosine_top: float | None = None  # None: no local CLIP model
     median_clip_cosine_random: float | None = None
+    lambda_scale: float | None = None  # the c whose top-k were removed (None: a method without lambda)
+    lambda_source: str | None = None  # lds.json (held-out selection) or method.lambda_scale
 
 
 def removal_sets(
@@ -67,9 +78,13 @@ def counterfactual(
     ``adapter`` loads the retrained models for regeneration (default: pixel DDPM; see ``model.adapter``)."""
     folder = paths.scores_dir / settings.method / "generated"
     stacked, manifest = load_scores(folder)
-    picture_lambda = json.loads((folder / "topk.json").read_text())["lambda"]
-    lambdas = manifest["lambdas"]
-    scores = np.asarray(stacked[lambdas.index(picture_lambda)] if picture_lambda in lambdas else stacked[0])
+    # the lambda the LDS selected (held-out) for this method, else the method's own default c
+    chosen = None
+    if manifest.get("lambda_scales"):
+        default = (manifest.get("picture") or {}).get("lambda_scale", DEFAULT_LAMBDA_SCALE)
+        chosen = choose_scale(paths.lds_dir / "lds.json", settings.method, "generated", default)
+        log.info("counterfactual: top-k of %s at c = %g (%s)", settings.method, chosen.scale, chosen.source)
+    scores = scores_at(stacked, manifest, None if chosen is None else chosen.scale)
     originals, _, _ = load_generated_queries(paths)
     adapter = adapter or ModelAdapter()
     sampler = stored_sampler(paths)
@@ -95,6 +110,8 @@ def counterfactual(
         distances["top"],
         distances["random"],
         *_clip_cosines(originals[:count], regenerated_images, settings.clip_model),
+        lambda_scale=None if chosen is None else chosen.scale,
+        lambda_source=None if chosen is None else chosen.source,
     )
     out = paths.lds_dir / f"counterfactual_{settings.method}.json"
     atomic_write_text(Path(out), json.dumps(result.__dict__, indent=2))

@@ -33,17 +33,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from das_lightning.lambdas import LDS_JSON_VERSION, grid_edge
 from das_lightning.manifest import atomic_write_text
 from das_lightning.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
 ArrayLike = np.ndarray | torch.Tensor
-# Keys of ``scores_by_lambda``; ``None`` for a method with nothing to tune (pixel, gradient cosine, ...).
+# Keys of ``scores_by_lambda``: the lambda scale c (lambda = c x unit, see das_lightning/lambdas.py); ``None`` for a
+# method with nothing to tune (pixel, gradient cosine, ...).
 Lambda = float | None
 
 CONFIDENCE = 0.95
-LDS_JSON_VERSION = 1
+HELDOUT_MODES = ("queries", "queries_and_subsets")
 
 
 def _as_tensor(values: ArrayLike, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -301,6 +303,47 @@ def heldout_split(num_queries: int, seed: int = 0) -> tuple[np.ndarray, np.ndarr
     return np.sort(order[:half]), np.sort(order[half:])
 
 
+@dataclass(frozen=True)
+class HeldoutHalves:
+    """Which queries (and subsets) choose lambda and which report the LDS.
+
+    ``queries``: lambda is chosen on half the queries and the LDS reported on the other half, both over all subset
+    models: the report is independent of the queries that chose lambda, but shares the subset models (their
+    training noise) with the choice. ``queries_and_subsets`` also splits the subsets: choice on half the queries x
+    half the subsets, report on the other queries x the other subsets, so it shares nothing but the full model.
+    Subset fields are None in the first mode (all subsets on both sides).
+    """
+
+    selection_queries: np.ndarray
+    report_queries: np.ndarray
+    selection_subsets: np.ndarray | None = None
+    report_subsets: np.ndarray | None = None
+
+
+def heldout_halves(num_queries: int, num_subsets: int, mode: str = "queries", seed: int = 0) -> HeldoutHalves:
+    """The split of :class:`HeldoutHalves` for ``mode`` (``lds.heldout``)."""
+    if mode not in HELDOUT_MODES:
+        raise ValueError(f"lds.heldout must be one of {HELDOUT_MODES}, not {mode!r}")
+    selection, report = heldout_split(num_queries, seed)
+    if mode == "queries":
+        return HeldoutHalves(selection, report)
+    if num_subsets < 4:
+        raise ValueError(f"lds.heldout=queries_and_subsets needs at least 4 subsets, got {num_subsets}")
+    generator = torch.Generator().manual_seed(derive_seed("lds-heldout-subsets", seed, num_subsets))
+    order = torch.randperm(num_subsets, generator=generator).numpy()
+    half = num_subsets // 2
+    return HeldoutHalves(selection, report, np.sort(order[:half]), np.sort(order[half:]))
+
+
+def subset_rows(
+    masks: ArrayLike, losses: ArrayLike, subsets: np.ndarray | None
+) -> tuple[ArrayLike, ArrayLike]:
+    """Keep some subsets: rows of masks (M x N -> M' x N) and of losses (M x Q -> M' x Q)."""
+    if subsets is None:
+        return masks, losses
+    return np.asarray(masks)[subsets], np.asarray(losses)[subsets]
+
+
 def lds_by_lambda(
     scores_by_lambda: Mapping[Lambda, ArrayLike],
     masks: ArrayLike,
@@ -347,8 +390,10 @@ def _percent(value: float) -> float:
 @dataclass(frozen=True)
 class LDSRecord:
     """One reported LDS, in PERCENT. ``lambda_selection``: "heldout" (lambda chosen on the other half of the queries,
-    LDS on the report half: our honest figure) or "oracle" (best lambda on all queries, LDS on all of them: what the
-    papers report). ``lambda_`` is None for methods without a lambda."""
+    and in ``heldout_mode=queries_and_subsets`` of the subsets too; LDS on the report half: our honest figure) or
+    "oracle" (best lambda on all queries, LDS on all of them: what the papers report). ``lambda_`` is the selected
+    scale c (None for methods without a lambda), ``lambda_absolute`` = c x the features' unit when known, and
+    ``edge`` is "low"/"high" when the selection is the first/last point of the grid (the optimum was not searched)."""
 
     method: str
     query_set: str
@@ -360,10 +405,14 @@ class LDSRecord:
     num_subsets: int
     num_queries: int
     num_undefined: int = 0
+    lambda_absolute: float | None = None
+    edge: str | None = None
+    heldout_mode: str = "queries"
 
     def to_json(self) -> dict[str, Any]:
         record = dataclasses.asdict(self)
-        record["lambda"] = record.pop("lambda_")
+        record["lambda_scale"] = record.pop("lambda_")
+        record["lambda"] = record.pop("lambda_absolute")
         return record
 
 
@@ -389,6 +438,9 @@ def _record(
     lambda_: Lambda,
     lambda_selection: str,
     num_subsets: int,
+    lambda_unit: float | None,
+    grid: Sequence[float],
+    heldout_mode: str,
 ) -> LDSRecord:
     return LDSRecord(
         method=method,
@@ -401,6 +453,9 @@ def _record(
         num_subsets=num_subsets,
         num_queries=int(result.per_query.numel()),
         num_undefined=result.num_undefined,
+        lambda_absolute=None if lambda_ is None or lambda_unit is None else lambda_ * lambda_unit,
+        edge=grid_edge(lambda_, grid),
+        heldout_mode=heldout_mode,
     )
 
 
@@ -412,23 +467,47 @@ def evaluate_method(
     query_set: str,
     num_resamples: int = 1000,
     seed: int = 0,
+    lambda_unit: float | None = None,
+    heldout: str = "queries",
 ) -> list[LDSRecord]:
     """The two LDS figures of a method, in percent: ``[heldout, oracle]``.
 
-    heldout: lambda chosen on the selection half of :func:`heldout_split`, LDS (+ CI) on the report half.
-    oracle: lambda with the best LDS on all queries, LDS (+ CI) on all queries.
+    heldout: lambda chosen on the selection half of :func:`heldout_halves` (``heldout`` mode), LDS (+ CI) on the
+    report half. oracle: lambda with the best LDS on all queries and subsets, LDS (+ CI) on all of them.
     A method without lambda passes ``{None: scores}``; with nothing to choose, its heldout record is simply the LDS on
-    the report half, so every row of a table compares methods on the same queries.
+    the report half, so every row of a table compares methods on the same queries (and subsets).
     """
     num_subsets, num_queries = np.shape(losses)
-    selection_idx, report_idx = heldout_split(num_queries, seed)
-    heldout_lambda = select_lambda(scores_by_lambda, masks, losses, selection_idx)
+    halves = heldout_halves(num_queries, num_subsets, heldout, seed)
+    grid = [key for key in scores_by_lambda if key is not None]
+    selection_masks, selection_losses = subset_rows(masks, losses, halves.selection_subsets)
+    heldout_lambda = select_lambda(
+        scores_by_lambda, selection_masks, selection_losses, halves.selection_queries
+    )
     oracle_lambda = select_lambda(scores_by_lambda, masks, losses, None)
-    heldout = bootstrap_lds(scores_by_lambda[heldout_lambda], masks, losses, num_resamples, seed, report_idx)
+    report_masks, report_losses = subset_rows(masks, losses, halves.report_subsets)
+    heldout_result = bootstrap_lds(
+        scores_by_lambda[heldout_lambda],
+        report_masks,
+        report_losses,
+        num_resamples,
+        seed,
+        halves.report_queries,
+    )
     oracle = bootstrap_lds(scores_by_lambda[oracle_lambda], masks, losses, num_resamples, seed)
     return [
-        _record(method, query_set, heldout, heldout_lambda, "heldout", num_subsets),
-        _record(method, query_set, oracle, oracle_lambda, "oracle", num_subsets),
+        _record(
+            method,
+            query_set,
+            heldout_result,
+            heldout_lambda,
+            "heldout",
+            len(report_losses),
+            lambda_unit,
+            grid,
+            heldout,
+        ),
+        _record(method, query_set, oracle, oracle_lambda, "oracle", num_subsets, lambda_unit, grid, heldout),
     ]
 
 
@@ -490,11 +569,17 @@ def _format_interval(value: float, low: float, high: float) -> str:
 def markdown_table(records: Sequence[LDSRecord], differences: Sequence[PairedDifference] = ()) -> str:
     """A markdown table of the records (LDS % with 95% CI) and, if any, one of the paired differences."""
     lines = [
-        "| method | query set | lambda selection | lambda | LDS (%) [95% CI] | subsets | queries |",
+        "| method | query set | lambda selection | c (lambda) | LDS (%) [95% CI] | subsets | queries |",
         "|---|---|---|---|---|---|---|",
     ]
+    edges = []
     for record in records:
         lambda_text = "-" if record.lambda_ is None else f"{record.lambda_:g}"
+        if record.lambda_absolute is not None:
+            lambda_text += f" ({record.lambda_absolute:.3g})"
+        if record.edge is not None:
+            lambda_text += " *"
+            edges.append(f"{record.method}/{record.query_set}/{record.lambda_selection}: {record.edge} edge")
         queries = f"{record.num_queries}" + (
             f" ({record.num_undefined} undefined)" if record.num_undefined else ""
         )
@@ -502,6 +587,16 @@ def markdown_table(records: Sequence[LDSRecord], differences: Sequence[PairedDif
             f"| {record.method} | {record.query_set} | {record.lambda_selection} | {lambda_text} | "
             f"{_format_interval(record.lds, record.ci_low, record.ci_high)} | {record.num_subsets} | {queries} |"
         )
+    lines.append("")
+    lines.append(
+        "c: lambda in units of trace(K)/N (das_lightning/lambdas.py)."
+        + (
+            " * selection on an edge of the grid, the optimum may lie beyond (widen method.lambda_scales): "
+            + "; ".join(edges)
+            if edges
+            else " No selection is on an edge of the grid."
+        )
+    )
     if differences:
         lines += [
             "",
@@ -532,7 +627,7 @@ def plot_lds_vs_lambda(curves: Mapping[str, Mapping[float, float]], path: Path) 
             lambdas, values = zip(*points, strict=True)
             axis.plot(lambdas, [_percent(value) for value in values], marker="o", label=method)
         axis.set_xscale("log")
-        axis.set_xlabel("lambda")
+        axis.set_xlabel("c = lambda / (trace(K) / N)")
         axis.set_ylabel("LDS (%)")
         axis.grid(True, alpha=0.3)
         axis.legend()

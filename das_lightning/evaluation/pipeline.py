@@ -32,18 +32,19 @@ from das_lightning.evaluation.lds import (
     LDSRecord,
     PairedDifference,
     evaluate_method,
-    heldout_split,
+    heldout_halves,
     lds_by_lambda,
     markdown_table,
     paired_difference,
     plot_lds_vs_lambda,
     select_lambda,
+    subset_rows,
     write_lds_json,
 )
-from das_lightning.manifest import ManifestMismatchError, hash_file
+from das_lightning.manifest import ManifestMismatchError, hash_file, read_manifest
 from das_lightning.models.adapters import ModelAdapter, dataset_extra
 from das_lightning.paths import RunPaths, subset_tag
-from das_lightning.training import DONE_MARKER, load_finished
+from das_lightning.training import DONE_MARKER, SEED_RULE, load_finished
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class LDSSettings:
     pair_batch_size: int = 512
     num_resamples: int = 1000
     bootstrap_seed: int = 0
+    heldout: str = "queries"  # queries | queries_and_subsets (see evaluation.lds.HeldoutHalves)
 
     @property
     def timesteps(self) -> list[int]:
@@ -76,6 +78,7 @@ def subset_models(
     masks = np.zeros((settings.num_subsets, num_train), dtype=bool)
     runs: list[list[RunPaths]] = []
     missing: list[str] = []
+    other_rule: list[str] = []
     for k in range(settings.num_subsets):
         runs.append([])
         for seed in settings.seeds:
@@ -83,6 +86,8 @@ def subset_models(
             if not (run.unet_dir / DONE_MARKER).exists() or not run.subset_path.exists():
                 missing.append(f"{k} (seed {seed})")
                 continue
+            if (read_manifest(run.run_dir) or {}).get("seed_rule") != SEED_RULE:
+                other_rule.append(str(run.run_dir))
             runs[-1].append(run)
         if runs[-1]:
             record = load_index_record(runs[-1][0].subset_path)
@@ -92,6 +97,17 @@ def subset_models(
                     {"N/alpha": ((record.get("N"), record.get("alpha")), (num_train, settings.alpha))},
                 )
             masks[k, record["indices"]] = True
+    if other_rule:
+        # subset models of one training seed must share it (common random numbers); mixing rules breaks that
+        raise ManifestMismatchError(
+            Path(other_rule[0]).parent.parent,
+            {
+                "seed_rule": (
+                    f"another rule in {len(other_rule)} subset models, e.g. {', '.join(other_rule[:3])}",
+                    SEED_RULE,
+                )
+            },
+        )
     if missing:
         indices = sorted({int(m.split()[0]) for m in missing})
         raise MissingSubsetModelsError(
@@ -187,8 +203,9 @@ def ground_truth(
 
 def method_scores(
     scores_dir: Path, method: str, query_set: str, queries: ImageDataset, train_set: ImageDataset
-) -> dict[float | None, np.ndarray]:
-    """{lambda: queries x train} of a method, refusing scores made for another training set or query list."""
+) -> tuple[dict[float | None, np.ndarray], float | None]:
+    """({c: queries x train}, lambda unit) of a method, refusing scores made for another training set or query
+    list, or on the old absolute lambda grid."""
     stacked, manifest = load_scores(scores_dir / method / query_set)
     expected = {
         "train_set": train_set.set_name,
@@ -202,10 +219,15 @@ def method_scores(
     }
     if differences:
         raise ManifestMismatchError(scores_dir / method / query_set, differences)
-    lambdas = manifest["lambdas"]
-    if len(lambdas) == 1 and lambdas[0] == 0.0 and not manifest["method"].get("lambdas"):
-        return {None: np.array(stacked[0])}
-    return {float(lam): np.array(stacked[i]) for i, lam in enumerate(lambdas)}
+    if "lambda_scales" not in manifest:
+        raise ManifestMismatchError(
+            scores_dir / method / query_set,
+            {"lambda_scales": (None, "c x trace(K)/N")},
+        )
+    scales = manifest["lambda_scales"]
+    if not scales:
+        return {None: np.array(stacked[0])}, None
+    return {float(c): np.array(stacked[i]) for i, c in enumerate(scales)}, float(manifest["lambda_unit"])
 
 
 @dataclass
@@ -242,30 +264,42 @@ def evaluate(
     curves: dict[str, dict[str, dict[float, float]]] = {}
     for name, queries in query_sets.items():
         losses = ground_truth(runs, queries, settings, device, adapter)  # subsets x queries
-        selection, report = heldout_split(len(queries), seed=settings.bootstrap_seed)
+        halves = heldout_halves(len(queries), len(losses), settings.heldout, seed=settings.bootstrap_seed)
+        selection_masks, selection_losses = subset_rows(masks, losses, halves.selection_subsets)
+        report_masks, report_losses = subset_rows(masks, losses, halves.report_subsets)
         chosen: dict[str, np.ndarray] = {}
         for method in methods:
-            by_lambda = scores[(method, name)]
+            by_lambda, unit = scores[(method, name)]
             records += evaluate_method(
-                by_lambda, masks, losses, method, name, settings.num_resamples, settings.bootstrap_seed
+                by_lambda,
+                masks,
+                losses,
+                method,
+                name,
+                settings.num_resamples,
+                settings.bootstrap_seed,
+                lambda_unit=unit,
+                heldout=settings.heldout,
             )
             if None not in by_lambda:
                 curves.setdefault(name, {})[method] = lds_by_lambda(by_lambda, masks, losses)
-            chosen[method] = by_lambda[select_lambda(by_lambda, masks, losses, selection)]
+            selected = select_lambda(by_lambda, selection_masks, selection_losses, halves.selection_queries)
+            chosen[method] = by_lambda[selected]
         for a, b in pairs:
             if a in chosen and b in chosen:
+                # each method at its held-out lambda, compared on the report half (queries, and subsets)
                 differences.append(
                     paired_difference(
                         a,
                         chosen[a],
                         b,
                         chosen[b],
-                        masks,
-                        losses,
+                        report_masks,
+                        report_losses,
                         name,
                         settings.num_resamples,
                         settings.bootstrap_seed,
-                        query_indices=report,
+                        query_indices=halves.report_queries,
                     )
                 )
     table = markdown_table(records, differences)
@@ -283,6 +317,8 @@ def evaluate(
             "timestep_stride": settings.timestep_stride,
             "e_seeds": settings.e_seeds,
             "train_set": train_set.set_name,
+            "heldout": settings.heldout,
+            "seed_rule": SEED_RULE,
         },
     )
     (out / "lds.md").write_text(table + "\n")
@@ -298,10 +334,14 @@ def _log(logger: Any, records: list[LDSRecord], out: Path, curves: dict) -> None
     from das_lightning.viz import log_images_to_wandb, log_table
 
     rows = [
-        [r.method, r.query_set, r.lambda_selection, r.lambda_, r.lds, r.ci_low, r.ci_high] for r in records
+        [r.method, r.query_set, r.lambda_selection, r.lambda_, r.lambda_absolute, r.lds, r.ci_low, r.ci_high]
+        for r in records
     ]
     log_table(
-        logger, "lds/table", ["method", "query_set", "selection", "lambda", "lds", "ci_low", "ci_high"], rows
+        logger,
+        "lds/table",
+        ["method", "query_set", "selection", "lambda_scale", "lambda", "lds", "ci_low", "ci_high"],
+        rows,
     )
     for name in curves:
         with Image.open(out / f"lds_vs_lambda_{name}.png") as plot:
