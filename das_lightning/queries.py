@@ -1,7 +1,7 @@
 """The query sets of an experiment, built the same way by attribute.py and evaluate_lds.py.
 
-``val``: a class-stratified sample of the test split; ``generated``: the full model's DDIM samples. Each set has its
-own identity (``set_name``) so the noise rule gives its images noise of their own, the same in features and in the
+``val``: a class-stratified sample of the test split; ``generated``: the full model's DDIM samples; ``files``: your
+own images (``queries.files=PATH``, see :mod:`das_lightning.file_queries`). Each set has its own identity (``set_name``) so the noise rule gives its images noise of their own, the same in features and in the
 LDS ground truth.
 """
 
@@ -13,19 +13,23 @@ import numpy as np
 import torch
 
 from das_lightning.data import ImageDataset, TensorImageDataset, stratified_sample
+from das_lightning.file_queries import file_queries
 from das_lightning.manifest import hash_file
 from das_lightning.paths import RunPaths
 from das_lightning.seeding import derive_seed
 from das_lightning.training import GENERATED_FILE, load_generated_queries
 
-QUERY_SETS = ("val", "generated")
+QUERY_SETS = ("val", "generated", "files")
 
 
 @dataclass
 class QuerySettings:
-    sets: list[str] = field(default_factory=lambda: list(QUERY_SETS))
+    sets: list[str] = field(default_factory=lambda: ["val", "generated"])
     num_val: int = 64
     num_generated: int = 64
+    files: str | None = None  # sets=[files]: a folder of PNG/JPEG/WebP images or a text file listing them
+    files_recursive: bool = False  # look into subfolders of queries.files
+    files_label: str | int | None = None  # one class (name or index) for every file image without labels.csv
 
 
 def validation_queries(test_set: ImageDataset, count: int) -> ImageDataset:
@@ -62,8 +66,20 @@ def build_query_sets(
     unknown = set(settings.sets) - set(QUERY_SETS)
     if unknown:
         raise ValueError(f"unknown query sets {sorted(unknown)}; choose from {list(QUERY_SETS)}")
+    if "files" in settings.sets and not settings.files:
+        raise ValueError(
+            "queries.sets includes files: give the images with queries.files=PATH (folder or list)"
+        )
     builders = {
         "val": lambda: validation_queries(test_set, settings.num_val),
         "generated": lambda: generated_queries(paths, settings.num_generated, test_set.image_size),
+        "files": lambda: file_queries(
+            settings.files,
+            test_set.channels,
+            test_set.image_size,
+            list(test_set.class_names),
+            settings.files_recursive,
+            settings.files_label,
+        ),
     }
     return {name: builders[name]() for name in settings.sets}

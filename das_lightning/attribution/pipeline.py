@@ -30,6 +30,7 @@ from das_lightning.attribution.features import CollectionDevice, FeatureSettings
 from das_lightning.attribution.store import FeatureStore
 from das_lightning.data import ImageDataset, ModelSpaceDataset, content_entry
 from das_lightning.distributed import is_global_zero
+from das_lightning.file_queries import FileQueryDataset
 from das_lightning.lambdas import DEFAULT_LAMBDA_SCALE, ChosenScale, choose_scale, default_scale_grid
 from das_lightning.manifest import (
     atomic_write_text,
@@ -265,14 +266,10 @@ class _Context:
         return self.cache["train"]
 
     def query_store(self, query_set: str) -> FeatureStore:
-        return _feature_store(
-            self.inputs,
-            self.method.features,
-            self.inputs.query_sets[query_set],
-            query_set,
-            self.device,
-            self.logger,
-        )
+        dataset = self.inputs.query_sets[query_set]
+        # file queries: one store per content, so a changed file is featurised afresh, never matched to old rows
+        key = f"{query_set}-{dataset.content_id}" if isinstance(dataset, FileQueryDataset) else query_set
+        return _feature_store(self.inputs, self.method.features, dataset, key, self.device, self.logger)
 
     def train_psi(self) -> FeatureStore:
         if "psi" not in self.cache:
@@ -614,7 +611,8 @@ def _write_scores(
         np.save(handle, stacked)
     tmp.replace(folder / SCORES_FILE)
     top = scoring.topk(scores_at(stacked, manifest, None if chosen is None else chosen.scale), method.top_k)
-    atomic_write_text(folder / "topk.json", json.dumps({"picture": picture, **top}))
+    names = {"query_names": queries.file_names} if isinstance(queries, FileQueryDataset) else {}
+    atomic_write_text(folder / "topk.json", json.dumps({"picture": picture, **names, **top}))
     shown = min(method.num_grid_queries, len(queries))
     grid = attribution_grid(
         torch.stack([queries[i]["image"] for i in range(shown)]) if shown else torch.zeros(0),
