@@ -69,10 +69,22 @@ def run_paths(cfg: DictConfig, tag: str | None = None, seed: int | None = None) 
     return RunPaths(
         root=Path(cfg.paths.root),
         dataset=str(cfg.dataset.name),
-        model=str(cfg.model.name),
+        model=model_folder_name(cfg),
         tag=str(cfg.subset.tag) if tag is None else tag,
         seed=int(cfg.seed) if seed is None else seed,
     )
+
+
+def model_folder_name(cfg: DictConfig) -> str:
+    """``model.name``; for a model trained elsewhere also its weights' hash, so two folders never share artifacts."""
+    from das_lightning.models.adapters import PretrainedAdapter
+
+    adapter = model_adapter(cfg.model) if cfg.model.get("adapter") is not None else None
+    if isinstance(adapter, PretrainedAdapter):
+        from das_lightning.manifest import hash_file
+
+        return f"{cfg.model.name}-{hash_file(adapter.weights_file())[:12]}"
+    return str(cfg.model.name)
 
 
 def dataset_from_config(cfg: DictConfig, split: str):
@@ -176,12 +188,18 @@ def module_settings(model_cfg: DictConfig) -> dict[str, Any]:
 def attribution_inputs(cfg: DictConfig, paths: RunPaths, method):
     """The full model, its training set and its query sets, as the attribute stage needs them."""
     from das_lightning.attribution.pipeline import AttributionInputs
+    from das_lightning.models.adapters import PretrainedAdapter
     from das_lightning.queries import build_query_sets
     from das_lightning.training import load_finished, training_snapshots
 
-    model = load_finished(paths, model_adapter(cfg.model))
+    adapter = model_adapter(cfg.model)
     train_set = dataset_from_config(cfg, split="train")
-    require_trained_on(paths, train_set)
+    if isinstance(adapter, PretrainedAdapter):  # trained elsewhere: the user names its training set
+        adapter.check_fits(train_set.channels, train_set.image_size)
+        model = adapter.load()
+    else:
+        model = load_finished(paths, adapter)
+        require_trained_on(paths, train_set)
     query_sets = build_query_sets(query_settings(cfg), dataset_from_config(cfg, split="test"), paths)
     snapshots = training_snapshots(paths) if method.kind == "tracin" else []
     journey = {}

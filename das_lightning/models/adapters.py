@@ -8,6 +8,8 @@ evaluate_lds.py never branch on model names.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +19,10 @@ import numpy as np
 import torch
 
 from das_lightning.data import ImageDataset
-from das_lightning.diffusion import make_scheduler
+from das_lightning.diffusion import NUM_TRAIN_TIMESTEPS, make_scheduler
 from das_lightning.models.ddpm import load_trained_network
+
+log = logging.getLogger(__name__)
 
 # batch {"index", "label", ...} -> per-sample keyword inputs of the network, leading dimension = batch
 ExtraInputs = Callable[[Mapping[str, Any]], Mapping[str, torch.Tensor]]
@@ -89,4 +93,76 @@ class ModelAdapter:
         """The model saved in ``unet_dir``; ``latents_dir`` is where latent models cache encoded image sets."""
         return MeasuredModel(
             load_trained_network(unet_dir), make_scheduler().alphas_cumprod, self.weights_file(unet_dir)
+        )
+
+
+class PretrainedAdapter(ModelAdapter):
+    """A pixel-space diffusers model trained elsewhere (``model=pretrained model.pretrained=PATH``): a
+    ``UNet2DModel`` folder (``config.json`` + safetensors weights) or a ``DDPMPipeline`` folder (``unet/`` and
+    ``scheduler/``), whose training schedule is read from its ``scheduler/`` when there is one (else the DDPM
+    default of METHOD.md §4, said in the log). Weights load through safetensors only, never a pickle."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder).expanduser()
+
+    @property
+    def unet_dir(self) -> Path:
+        nested = self.folder / "unet"
+        return nested if (nested / "config.json").exists() else self.folder
+
+    def weights_file(self, unet_dir: Path | None = None) -> Path:
+        path = self.unet_dir / self.weights_name
+        if not path.exists():
+            raise FileNotFoundError(
+                f"model.pretrained={self.folder}: no {self.weights_name} in {self.unet_dir} (a diffusers UNet2DModel "
+                "or DDPMPipeline folder saved with safetensors; .bin pickles are never loaded)"
+            )
+        return path
+
+    def schedule(self) -> dict[str, Any]:
+        """The training scheduler's config, from the folder when it has one."""
+        from diffusers import DDPMScheduler
+
+        scheduler_dir = self.folder / "scheduler"
+        if not (scheduler_dir / "scheduler_config.json").exists():
+            log.warning(
+                "%s has no scheduler/: assuming the DDPM default (1000 steps, linear betas)", self.folder
+            )
+            return _pixel_schedule()
+        config = dict(DDPMScheduler.from_pretrained(str(self.folder), subfolder="scheduler").config)
+        if (
+            int(config["num_train_timesteps"]) != NUM_TRAIN_TIMESTEPS
+            or config.get("prediction_type") != "epsilon"
+        ):
+            raise ValueError(
+                f"{scheduler_dir}: das-lightning measures epsilon-prediction models trained on "
+                f"{NUM_TRAIN_TIMESTEPS} timesteps; this one has {config['num_train_timesteps']} steps and "
+                f"prediction_type={config.get('prediction_type')!r}"
+            )
+        return config
+
+    def check_fits(self, channels: int, image_size: int) -> None:
+        """A clear error before any work when the network cannot take the training images."""
+        config = json.loads((self.unet_dir / "config.json").read_text())
+        sample_size = config.get("sample_size")
+        sample_size = sample_size[0] if isinstance(sample_size, list | tuple) else sample_size
+        problems = []
+        if config.get("in_channels") != channels:
+            problems.append(f"in_channels {config.get('in_channels')} vs the dataset's {channels} channels")
+        if sample_size is not None and int(sample_size) != image_size:
+            problems.append(f"sample_size {sample_size} vs dataset.image_size={image_size}")
+        if config.get("num_class_embeds") or config.get("class_embed_type"):
+            problems.append("a class-conditioned UNet (only unconditioned pretrained models are supported)")
+        if problems:
+            raise ValueError(f"model.pretrained={self.folder} does not fit the data: " + "; ".join(problems))
+
+    def load(self, unet_dir: Path | None = None, latents_dir: Path | None = None) -> MeasuredModel:
+        from diffusers import DDPMScheduler
+
+        schedule = self.schedule()
+        return MeasuredModel(
+            load_trained_network(self.unet_dir),
+            DDPMScheduler.from_config(schedule).alphas_cumprod,
+            self.weights_file(),
+            scheduler_config=schedule,
         )
