@@ -223,10 +223,18 @@ def attribution_inputs(cfg: DictConfig, paths: RunPaths, method):
     )
 
 
-def make_logger(cfg: DictConfig, save_dir: Path, name: str):
+def make_logger(cfg: DictConfig, save_dir: Path, name: str, job_type: str):
     from das_lightning.loggers import build_logger
 
-    return build_logger(logger_settings(cfg), save_dir, name=name, config=to_plain(cfg))
+    paths = run_paths(cfg)
+    return build_logger(
+        logger_settings(cfg),
+        save_dir,
+        name=name,
+        config=to_plain(cfg),
+        group=f"{paths.dataset}/{paths.model}",
+        job_type=job_type,
+    )
 
 
 def close_logger(logger) -> None:
@@ -256,7 +264,7 @@ def run_lds(cfg: DictConfig):
     paths = run_paths(cfg)
     train_set = dataset_from_config(cfg, split="train")
     query_sets = build_query_sets(query_settings(cfg), dataset_from_config(cfg, split="test"), paths)
-    logger = make_logger(cfg, paths.lds_dir, name="evaluate_lds")
+    logger = make_logger(cfg, paths.lds_dir, name="evaluate_lds", job_type="evaluate")
     try:
         report = evaluate(
             paths,
@@ -364,7 +372,7 @@ def run_attribute(cfg: DictConfig):
     validate_method(method)  # before the model is loaded or any feature is computed
     paths = run_paths(cfg)
     inputs = attribution_inputs(cfg, paths, method)
-    logger = make_logger(cfg, paths.scores_dir, name=f"attribute/{method.name}")
+    logger = make_logger(cfg, paths.scores_dir, name=f"attribute/{method.name}", job_type="attribute")
     try:
         result = attribute(inputs, method, collection_device(cfg), logger)
     finally:

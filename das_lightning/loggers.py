@@ -19,10 +19,23 @@ class LoggerSettings:
     tags: list[str] = field(default_factory=list)
 
 
+JOB_TYPES = ("train", "subset", "attribute", "evaluate")
+
+
 def build_logger(
-    settings: LoggerSettings, save_dir: Path, name: str, config: dict[str, Any]
+    settings: LoggerSettings,
+    save_dir: Path,
+    name: str,
+    config: dict[str, Any],
+    group: str | None = None,
+    job_type: str | None = None,
 ) -> Logger | None:
-    """A Lightning logger writing under ``save_dir`` that has logged the resolved ``config``."""
+    """A Lightning logger writing under ``save_dir`` that has logged the resolved ``config``.
+
+    W&B runs of one experiment share ``group`` (``<dataset>/<model>``) and say what they are with ``job_type``
+    (train, subset, attribute, evaluate), so a sweep's 64 subset runs fold into one group beside the methods."""
+    if job_type is not None and job_type not in JOB_TYPES:
+        raise ValueError(f"job_type must be one of {JOB_TYPES}, not {job_type!r}")
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     if settings.kind == "none":
@@ -44,6 +57,8 @@ def build_logger(
             mode=settings.mode,
             tags=list(settings.tags),
             config=config,
+            group=group,
+            job_type=job_type,
         )
         return logger
     raise ValueError(f"unknown logger kind {settings.kind!r}; choose wandb, csv or none")

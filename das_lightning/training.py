@@ -233,6 +233,8 @@ def train_model(
         paths.run_dir,
         name=f"train/{paths.dataset}/{paths.tag}/seed{paths.seed}",
         config=config,
+        group=f"{paths.dataset}/{paths.model}",
+        job_type="train" if subset.kind == "full" else "subset",
     )
     try:
         if (paths.unet_dir / DONE_MARKER).exists():

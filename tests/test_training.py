@@ -288,3 +288,41 @@ def test_multirun_through_the_submitit_launcher_trains_each_subset(tmp_path: Pat
         (tmp_path / "fashion2" / "tiny" / f"lds-{k}" / "seed0" / "unet" / "DONE").exists() for k in (0, 1)
     )
     assert lists[0]["indices"] != lists[1]["indices"]
+
+
+def test_wandb_runs_of_one_experiment_share_a_group_and_say_their_job(tmp_path: Path, monkeypatch) -> None:
+    from das_lightning import cli, loggers
+
+    seen: list[dict] = []
+
+    class RecordingWandbLogger:  # stands in for Lightning's, recording what wandb.init would get
+        def __init__(self, **kwargs):
+            seen.append(kwargs)
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(loggers, "WandbLogger", RecordingWandbLogger)
+    cli.run_train(
+        compose(
+            "train",
+            [
+                f"paths.root={tmp_path}",
+                *TINY_TRAIN,
+                "logger=wandb",
+                "train.max_steps=1",
+                "subset=lds",
+                "subset.index=0",
+            ],
+        )
+    )
+    cli.make_logger(
+        compose("attribute", [f"paths.root={tmp_path}", "logger=wandb"]), tmp_path, "a", "attribute"
+    )
+    assert [(kwargs["group"], kwargs["job_type"]) for kwargs in seen] == [
+        ("fashion2/tiny", "subset"),
+        ("fashion2/tiny", "attribute"),
+    ]
+    assert seen[0]["mode"] == "offline"
+    with pytest.raises(ValueError, match="job_type"):
+        loggers.build_logger(loggers.LoggerSettings(), tmp_path, "x", {}, job_type="nope")
