@@ -59,6 +59,15 @@ def upscale_factor(size: int, min_size: int) -> int:
     return max(1, math.ceil(min_size / size))
 
 
+LINE_HEIGHT = 11  # PIL's default bitmap font: ~6 px per character, 11 px per line
+
+
+def _fit(text: str, width: int) -> str:
+    """``text`` cut to what fits in ``width`` pixels of the default font (an ellipsis marks a cut)."""
+    room = max(1, width // 6)
+    return text if len(text) <= room else text[: max(1, room - 1)] + "~"
+
+
 def attribution_grid(
     query_images: torch.Tensor,
     train_images_lookup: Callable[[list[int]], torch.Tensor],
@@ -69,22 +78,34 @@ def attribution_grid(
     min_size: int = 48,
     padding: int = 2,
     separator_width: int = 8,
+    header: Sequence[str] | None = None,
+    legend: str | None = None,
+    query_captions: Sequence[str] | None = None,
+    train_caption: Callable[[int], str] | None = None,
 ) -> Image.Image:
     """One row per query: the query, a separator, its top proponents, then (optionally) a separator and opponents.
 
     ``train_images_lookup`` maps a list of train indices to their images (B x C x H x W in [-1, 1]), so the
     caller decides how images are fetched (a dataset, a cache). Tiny images are upscaled by an integer factor
-    (nearest) to at least ``min_size`` pixels. With ``scores`` (and ``opponent_scores``) each tile gets its score
-    printed under it. Lists of indices may be shorter than others; missing tiles stay blank.
+    (nearest) to at least ``min_size`` pixels. Optional text: ``header`` (three column titles, e.g. query /
+    proponents / opponents) on a first row, ``train_caption(index)`` (e.g. "#12 Bag") and the tile's score under
+    each train tile, ``query_captions`` under each query, and a ``legend`` line at the bottom. Lists of indices may
+    be shorter than others; missing tiles stay blank.
     """
     if len(top_indices) != len(query_images):
         raise ValueError(f"{len(query_images)} query images but {len(top_indices)} rows of indices")
+    if header is not None and len(header) != 3:
+        raise ValueError(f"header needs three titles (query, proponents, opponents), got {list(header)}")
     query_pixels = to_uint8(query_images)
     _, height, width, channels = query_pixels.shape
     factor = upscale_factor(min(height, width), min_size)
     tile_height, tile_width = height * factor, width * factor
-    caption_height = 12 if scores is not None or opponent_scores is not None else 0
+    has_scores = scores is not None or opponent_scores is not None
+    caption_lines = max(int(has_scores) + int(train_caption is not None), int(query_captions is not None))
+    caption_height = LINE_HEIGHT * caption_lines
     cell_height = tile_height + caption_height + padding
+    header_height = LINE_HEIGHT + padding if header is not None else 0
+    legend_height = LINE_HEIGHT + padding if legend is not None else 0
 
     num_proponents = max((len(row) for row in top_indices), default=0)
     num_opponents = (
@@ -97,21 +118,32 @@ def attribution_grid(
     opponent_separator_left = proponent_left + num_proponents * step
     opponent_left = opponent_separator_left + separator_width + padding
     total_width = opponent_left + num_opponents * step if num_opponents else opponent_separator_left
-    canvas = Image.new("RGB", (total_width, padding + cell_height * len(query_images)))
+    total_height = header_height + padding + cell_height * len(query_images) + legend_height
+    canvas = Image.new("RGB", (total_width, total_height))
     draw = ImageDraw.Draw(canvas)
+    if header is not None:
+        titles = [(padding, header[0], step), (proponent_left, header[1], num_proponents * step)]
+        if num_opponents:
+            titles.append((opponent_left, header[2], num_opponents * step))
+        for left, title, room in titles:
+            draw.text((left, padding), _fit(title, room), fill=(255, 255, 255))
 
-    def paste(pixels: np.ndarray, left: int, top: int, caption: float | None) -> None:
+    def paste(pixels: np.ndarray, left: int, top: int, lines: list[str]) -> None:
         tile = _to_pil(pixels).convert("RGB").resize((tile_width, tile_height), Image.Resampling.NEAREST)
         canvas.paste(tile, (left, top))
-        if caption is not None:
-            draw.text((left, top + tile_height), f"{caption:.3g}", fill=(255, 255, 255))
+        for line_number, line in enumerate(lines):
+            draw.text(
+                (left, top + tile_height + line_number * LINE_HEIGHT),
+                _fit(line, tile_width),
+                fill=(255, 255, 255),
+            )
 
     def separator(left: int, top: int) -> None:
         draw.rectangle([left, top, left + separator_width - 1, top + tile_height - 1], fill=SEPARATOR_COLOUR)
 
     for row, query in enumerate(query_pixels):
-        top = padding + row * cell_height
-        paste(query, padding, top, None)
+        top = header_height + padding + row * cell_height
+        paste(query, padding, top, [] if query_captions is None else [str(query_captions[row])])
         separator(query_separator_left, top)
         groups = [(top_indices[row], scores, proponent_left)]
         if opponent_indices is not None and num_opponents:
@@ -127,8 +159,12 @@ def attribution_grid(
                     f"train images have shape {train_pixels.shape[1:]}, queries {(height, width, channels)}"
                 )
             for column, pixels in enumerate(train_pixels):
-                caption = None if group_scores is None else float(group_scores[row][column])
-                paste(pixels, left + column * step, top, caption)
+                lines = [] if train_caption is None else [train_caption(indices[column])]
+                if group_scores is not None:
+                    lines.append(f"{float(group_scores[row][column]):.3g}")
+                paste(pixels, left + column * step, top, lines)
+    if legend is not None:
+        draw.text((padding, total_height - legend_height), _fit(legend, total_width), fill=(255, 255, 255))
     return canvas
 
 

@@ -69,6 +69,9 @@ def test_das_writes_complete_stores_scores_and_grids(das_root: Path) -> None:
         top = json.loads((das_root / RUN / "scores" / "das" / query_set / "topk.json").read_text())
         assert len(top["proponent_indices"]) == 6 and len(top["proponent_indices"][0]) == 8
         assert (das_root / RUN / "scores" / "das" / query_set / "grid.png").stat().st_size > 0
+        # the HTML report: each query with its 8 proponents and 8 opponents, images embedded
+        page = (das_root / RUN / "scores" / "das" / query_set / "index.html").read_text()
+        assert page.count('<img src="data:image/png;base64,') == 6 * (1 + 8 + 8)
 
 
 def test_features_do_not_depend_on_batch_size(das_root: Path, tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ from das_lightning.manifest import (
     write_manifest,
 )
 from das_lightning.models.adapters import MeasuredModel, dataset_extra
+from das_lightning.report import write_report
 from das_lightning.viz import attribution_grid, log_images_to_wandb, log_table
 
 log = logging.getLogger(__name__)
@@ -613,15 +614,62 @@ def _write_scores(
     top = scoring.topk(scores_at(stacked, manifest, None if chosen is None else chosen.scale), method.top_k)
     names = {"query_names": queries.file_names} if isinstance(queries, FileQueryDataset) else {}
     atomic_write_text(folder / "topk.json", json.dumps({"picture": picture, **names, **top}))
+    headers = _headers(method)
+    legend = _legend(method, picture, inputs)
+    query_names = _query_names(queries)
+    class_names = list(inputs.train_set.class_names)
+
+    def train_caption(index: int) -> str:
+        return f"#{index} {class_names[int(inputs.train_set.labels[index])]}"
+
     shown = min(method.num_grid_queries, len(queries))
     grid = attribution_grid(
         torch.stack([queries[i]["image"] for i in range(shown)]) if shown else torch.zeros(0),
         lambda idx: torch.stack([inputs.train_set[int(i)]["image"] for i in idx]),
         top["proponent_indices"][:shown],
+        scores=top["proponent_scores"][:shown],
         opponent_indices=top["opponent_indices"][:shown],
+        opponent_scores=top["opponent_scores"][:shown],
+        header=headers,
+        legend=legend,
+        query_captions=query_names[:shown],
+        train_caption=train_caption,
     )
     grid.save(folder / "grid.png")
+    write_report(
+        folder / "index.html",
+        f"{method.name}: {queries.set_name}",
+        legend,
+        headers,
+        lambda i: queries[i]["image"],
+        query_names,
+        lambda i: inputs.train_set[i]["image"],
+        train_caption,
+        top,
+        shown=method.top_k,
+    )
     write_manifest(folder, {**manifest, "picture": picture, "complete": True})
+
+
+def _headers(method: MethodSettings) -> tuple[str, str, str]:
+    """Column titles: a squared score ranks by the size of a change, not its sign."""
+    if method.kind == "das" and method.square:
+        return ("query", "largest change", "smallest change")
+    return ("query", "proponents", "opponents")
+
+
+def _legend(method: MethodSettings, picture: dict[str, Any] | None, inputs: AttributionInputs) -> str:
+    run = "/".join(inputs.scores_dir.parent.parts[-4:])  # <dataset>/<model>/<subset>/seed<r>
+    if picture is None:
+        return f"{method.name} | model {run}"
+    source = "held-out LDS" if "held-out" in str(picture["source"]) else "default"
+    return f"{method.name} | c={picture['lambda_scale']:g} ({source}), lambda={picture['lambda']:.3g} | model {run}"
+
+
+def _query_names(queries: ImageDataset) -> list[str]:
+    if isinstance(queries, FileQueryDataset):
+        return list(queries.file_names)
+    return [f"query {i}" for i in range(len(queries))]
 
 
 def _log_pictures(folder: Path, logger: Any, method: str, query_set: str) -> None:
