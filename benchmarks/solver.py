@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from das_lightning.attribution.scores import KernelSolver, scores_for_lambdas
+from das_lightning.attribution.scores import DASReadout, KernelSolver, kernel_scores
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_SIZES = ("1000x4096", "2000x8192", "5000x32768", "8192x4096")
@@ -46,7 +46,7 @@ def measure(num_train: int, dim: int, form: str) -> dict:
         del kernel
         solver = KernelSolver(eigenvalues, eigenvectors, num_samples=num_train)
     factorised = time.perf_counter() - start
-    scores_for_lambdas("das", queries, train, [1.0], solver=solver)
+    kernel_scores(queries, train, [1.0], DASReadout(), solver=solver)
     scored = time.perf_counter() - start - factorised
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB on Linux
     return {"factorise_s": factorised, "score_s": scored, "peak_rss_mib": peak, "rank": solver.rank}

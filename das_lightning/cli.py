@@ -135,11 +135,10 @@ def method_settings(cfg: DictConfig):
     from das_lightning.attribution.features import FeatureSettings
     from das_lightning.attribution.pipeline import MethodSettings
 
-    method = to_plain(cfg.method)
+    method = to_plain(
+        cfg.method
+    )  # features.param_pattern follows model.param_pattern (conf/method/features/)
     features = method.pop("features", None)
-    if features and features.get("param_pattern") is None:
-        # the model says which weights its features differentiate (LoRA: the adapters only)
-        features["param_pattern"] = cfg.model.get("param_pattern")
     return MethodSettings(**method, features=FeatureSettings(**features) if features else None)
 
 
@@ -187,6 +186,7 @@ def module_settings(model_cfg: DictConfig) -> dict[str, Any]:
 
 def attribution_inputs(cfg: DictConfig, paths: RunPaths, method):
     """The full model, its training set and its query sets, as the attribute stage needs them."""
+    from das_lightning.attribution.methods import build_method
     from das_lightning.attribution.pipeline import AttributionInputs
     from das_lightning.models.adapters import PretrainedAdapter
     from das_lightning.queries import build_query_sets
@@ -201,9 +201,10 @@ def attribution_inputs(cfg: DictConfig, paths: RunPaths, method):
         model = load_finished(paths, adapter)
         require_trained_on(paths, train_set)
     query_sets = build_query_sets(query_settings(cfg), dataset_from_config(cfg, split="test"), paths)
-    snapshots = training_snapshots(paths) if method.kind == "tracin" else []
+    entry = build_method(method)
+    snapshots = training_snapshots(paths) if entry.needs_snapshots else []
     journey = {}
-    if method.kind == "journey_trak" and "generated" in query_sets:
+    if entry.needs_journey and "generated" in query_sets:
         from das_lightning.attribution.journey import predicted_clean_steps
 
         model.to(collection_device(cfg).torch_device())  # replaying SD trajectories on a CPU would take hours

@@ -7,15 +7,11 @@ import json
 
 import numpy as np
 import pytest
+import readouts
 import torch
 
 from das_lightning.attribution.projectors import build_projector
-from das_lightning.attribution.scores import (
-    KernelSolver,
-    das_scores,
-    magnitude_residuals,
-    scores_for_lambdas,
-)
+from das_lightning.attribution.scores import KernelSolver, magnitude_residuals
 from das_lightning.evaluation.lds import evaluate_method, heldout_halves, markdown_table
 from das_lightning.lambdas import (
     LDS_JSON_VERSION,
@@ -50,7 +46,7 @@ def test_scaling_every_feature_leaves_the_scores_at_each_c_unchanged(method: str
     for factor in (1.0, 37.0):
         solver = KernelSolver.from_features(factor * train)
         lambdas = [c * solver.lambda_unit for c in scales]
-        swept = scores_for_lambdas(method, factor * queries, factor * train, lambdas, solver=solver)
+        swept = readouts.sweep(method, factor * queries, factor * train, lambdas, solver=solver)
         by_c[factor] = [swept[lam] for lam in lambdas]
     for plain, scaled in zip(by_c[1.0], by_c[37.0], strict=True):
         np.testing.assert_allclose(scaled, plain, rtol=1e-6, atol=1e-9 * np.abs(plain).max())
@@ -59,7 +55,7 @@ def test_scaling_every_feature_leaves_the_scores_at_each_c_unchanged(method: str
 def _lds_problem(gradients: np.ndarray, queries: np.ndarray, true_c: float, num_subsets: int = 40):
     """Subset masks and losses that follow the raw-gradient TRAK scores at c = ``true_c`` exactly."""
     solver = KernelSolver.from_features(gradients)
-    truth = scores_for_lambdas("trak", queries, gradients, [true_c * solver.lambda_unit], solver=solver)[
+    truth = readouts.sweep("trak", queries, gradients, [true_c * solver.lambda_unit], solver=solver)[
         true_c * solver.lambda_unit
     ]
     masks = np.zeros((num_subsets, len(gradients)), dtype=bool)
@@ -91,9 +87,7 @@ def test_projector_conventions_select_the_same_c_on_the_same_gradients() -> None
     selected = {}
     for name, (train, query) in conventions.items():
         solver = KernelSolver.from_features(train)
-        swept = scores_for_lambdas(
-            "trak", query, train, [c * solver.lambda_unit for c in grid], solver=solver
-        )
+        swept = readouts.sweep("trak", query, train, [c * solver.lambda_unit for c in grid], solver=solver)
         by_c = {c: swept[c * solver.lambda_unit] for c in grid}
         heldout, _ = evaluate_method(by_c, masks, losses, "trak", "val", num_resamples=20)
         selected[name] = heldout.lambda_
@@ -106,7 +100,7 @@ def test_an_edge_selection_is_flagged_in_the_table() -> None:
     masks, losses = _lds_problem(train, queries, true_c=1e-6)
     solver = KernelSolver.from_features(train)
     grid = [1e-2, 1e-1, 1.0]  # too narrow: the truth lies below it
-    swept = scores_for_lambdas("trak", queries, train, [c * solver.lambda_unit for c in grid], solver=solver)
+    swept = readouts.sweep("trak", queries, train, [c * solver.lambda_unit for c in grid], solver=solver)
     records = evaluate_method(
         {c: swept[c * solver.lambda_unit] for c in grid},
         masks,
@@ -173,22 +167,22 @@ def _quadratic_problem(num_train: int, dim: int, lam: float):
 def test_exact_residual_equals_brute_force_leave_one_out(num_train: int, dim: int) -> None:
     lam = 0.3
     queries, train, psi, change = _quadratic_problem(num_train, dim, lam)
-    signed = das_scores(queries, train, lam, train_psi=psi, square=False)
+    signed = readouts.das(queries, train, lam, train_psi=psi, square=False)
     np.testing.assert_allclose(signed, change, rtol=1e-7, atol=1e-10 * np.abs(change).max())
-    np.testing.assert_allclose(das_scores(queries, train, lam, train_psi=psi), change**2, rtol=1e-6)
+    np.testing.assert_allclose(readouts.das(queries, train, lam, train_psi=psi), change**2, rtol=1e-6)
     # the one-step form with the best scalar residual per sample is not the refit when psi is not parallel to phi
     best_scalar = (psi * train).sum(1) / (train * train).sum(1)
-    one_step = das_scores(queries, train, lam, residuals=best_scalar, square=False)
+    one_step = readouts.das(queries, train, lam, residuals=best_scalar, square=False)
     assert not np.allclose(one_step, change, rtol=1e-2)
 
 
 def test_exact_residual_reduces_to_the_one_step_form_when_psi_is_parallel() -> None:
     train, queries = RNG.normal(size=(25, 5)), RNG.normal(size=(4, 5))
     residuals = RNG.normal(size=25)
-    exact = das_scores(queries, train, 0.7, train_psi=residuals[:, None] * train)
-    np.testing.assert_allclose(exact, das_scores(queries, train, 0.7, residuals=residuals), rtol=1e-8)
+    exact = readouts.das(queries, train, 0.7, train_psi=residuals[:, None] * train)
+    np.testing.assert_allclose(exact, readouts.das(queries, train, 0.7, residuals=residuals), rtol=1e-8)
     with pytest.raises(ValueError, match="leverage"):
-        das_scores(queries, train, 0.7, train_psi=train, leverage=False)
+        readouts.das(queries, train, 0.7, train_psi=train, leverage=False)
 
 
 def test_magnitude_residual_is_the_relative_size_of_the_loss() -> None:

@@ -5,24 +5,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import readouts
 import torch
 
 from das_lightning.attribution.scores import (
-    KERNEL_METHODS,
-    SCORERS,
     KernelSolver,
     cosine_scores,
-    das_scores,
     dot_scores,
-    journey_trak_scores,
-    relatif_scores,
-    renorm_scores,
     residual_weights,
-    scores_for_lambdas,
     screen_candidates,
     topk,
     tracin_scores,
-    trak_scores,
 )
 
 NUM_TRAIN, DIM, NUM_QUERIES = 40, 5, 6
@@ -61,13 +54,13 @@ def test_das_equals_exact_leave_one_out_on_linear_ridge(features, lam):
     targets = train @ np.array([1.0, -2.0, 0.5, 0.0, 3.0]) + np.random.default_rng(1).normal(size=NUM_TRAIN)
     change, residuals = leave_one_out_output_change(queries, train, targets, lam)
 
-    das = das_scores(queries, train, lam, residuals=residuals, leverage=True, square=True)
+    das = readouts.das(queries, train, lam, residuals=residuals, leverage=True, square=True)
     np.testing.assert_allclose(das, change**2, rtol=1e-6, atol=1e-9 * np.abs(change**2).max())
-    signed = das_scores(queries, train, lam, residuals=residuals, leverage=True, square=False)
+    signed = readouts.das(queries, train, lam, residuals=residuals, leverage=True, square=False)
     np.testing.assert_allclose(signed, change, rtol=1e-6, atol=1e-9 * np.abs(change).max())
 
     # without 1/(1 - h_ii) the one-step estimate is not the refit: the leverage term matters
-    no_leverage = das_scores(queries, train, lam, residuals=residuals, leverage=False, square=True)
+    no_leverage = readouts.das(queries, train, lam, residuals=residuals, leverage=False, square=True)
     assert not np.allclose(no_leverage, change**2, rtol=1e-3)
 
 
@@ -77,7 +70,7 @@ def test_das_without_residuals_is_squared_trak_over_one_minus_leverage(features)
     inverse = inverse_kernel(train, lam)
     leverage = np.einsum("ik,kl,il->i", train, inverse, train)
     expected = (queries @ inverse @ train.T / (1 - leverage)) ** 2
-    np.testing.assert_allclose(das_scores(queries, train, lam), expected, rtol=1e-6)
+    np.testing.assert_allclose(readouts.das(queries, train, lam), expected, rtol=1e-6)
 
 
 def test_leverages_and_solve_match_dense_inverse(features):
@@ -96,16 +89,18 @@ def test_trak_relatif_renorm_match_definitions(features):
     lam = 1.5
     inverse = inverse_kernel(train, lam)
     trak = queries @ inverse @ train.T
-    np.testing.assert_allclose(trak_scores(queries, train, lam), trak, rtol=1e-6)
-    np.testing.assert_allclose(SCORERS["dtrak"](queries, train, lam), trak, rtol=1e-6)
+    np.testing.assert_allclose(readouts.trak(queries, train, lam), trak, rtol=1e-6)
+    np.testing.assert_allclose(readouts.trak(queries, train, lam), trak, rtol=1e-6)
 
     self_influence = np.einsum("ik,kl,il->i", train, inverse, train)
-    np.testing.assert_allclose(relatif_scores(queries, train, lam), trak / np.sqrt(self_influence), rtol=1e-6)
+    np.testing.assert_allclose(
+        readouts.relatif(queries, train, lam), trak / np.sqrt(self_influence), rtol=1e-6
+    )
 
     unit_train = train / np.linalg.norm(train, axis=1, keepdims=True)
     unit_queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     renorm = unit_queries @ inverse_kernel(unit_train, lam) @ unit_train.T
-    np.testing.assert_allclose(renorm_scores(queries, train, lam), renorm, rtol=1e-6)
+    np.testing.assert_allclose(readouts.renorm(queries, train, lam), renorm, rtol=1e-6)
 
 
 def test_normalize_inverse_rescales_without_reranking(features):
@@ -113,13 +108,13 @@ def test_normalize_inverse_rescales_without_reranking(features):
     lam = 0.2
     inverse = inverse_kernel(train, lam)
     scale = 1.0 / np.abs(inverse).mean()
-    plain = trak_scores(queries, train, lam)
-    scaled = trak_scores(queries, train, lam, normalize_inverse=True)
+    plain = readouts.trak(queries, train, lam)
+    scaled = readouts.trak(queries, train, lam, normalize_inverse=True)
     np.testing.assert_allclose(scaled, scale * plain, rtol=1e-6)
     np.testing.assert_array_equal(np.argsort(scaled, axis=1), np.argsort(plain, axis=1))
     # DAS squares the scaled inverse; the leverage keeps the true inverse
-    das_scaled = das_scores(queries, train, lam, normalize_inverse=True)
-    np.testing.assert_allclose(das_scaled, scale**2 * das_scores(queries, train, lam), rtol=1e-5)
+    das_scaled = readouts.das(queries, train, lam, normalize_inverse=True)
+    np.testing.assert_allclose(das_scaled, scale**2 * readouts.das(queries, train, lam), rtol=1e-5)
 
 
 def test_scores_do_not_depend_on_block_size_storage_or_row_order(features, tmp_path):
@@ -133,15 +128,19 @@ def test_scores_do_not_depend_on_block_size_storage_or_row_order(features, tmp_p
     train_memmap = np.load(tmp_path / "train.npy", mmap_mode="r")
     train16 = np.asarray(train_memmap, dtype=np.float64)
 
-    reference = das_scores(queries, train16, lam, residuals=residuals, block_size=NUM_TRAIN)
+    reference = readouts.das(queries, train16, lam, residuals=residuals, block_size=NUM_TRAIN)
     for block_size in (1, 7, NUM_TRAIN):
-        scores = das_scores(queries, train_memmap, lam, residuals=residuals, block_size=block_size)
+        scores = readouts.das(queries, train_memmap, lam, residuals=residuals, block_size=block_size)
         np.testing.assert_allclose(scores, reference, rtol=1e-5)
-    from_tensors = das_scores(torch.from_numpy(queries), torch.from_numpy(train16), lam, residuals=residuals)
+    from_tensors = readouts.das(
+        torch.from_numpy(queries), torch.from_numpy(train16), lam, residuals=residuals
+    )
     np.testing.assert_allclose(from_tensors, reference, rtol=1e-5)
 
     permutation = np.random.default_rng(3).permutation(NUM_TRAIN)
-    permuted = das_scores(queries, train16[permutation], lam, residuals=residuals[permutation], block_size=7)
+    permuted = readouts.das(
+        queries, train16[permutation], lam, residuals=residuals[permutation], block_size=7
+    )
     unpermuted = np.empty_like(permuted)
     unpermuted[:, permutation] = permuted
     np.testing.assert_allclose(unpermuted, reference, rtol=1e-5)
@@ -152,7 +151,7 @@ def test_large_lambda_trak_tends_to_dot_product(features):
     dot = queries @ train.T
     errors = []
     for lam in (1e1, 1e3, 1e5, 1e8):
-        scaled = lam * trak_scores(queries, train, lam).astype(np.float64)
+        scaled = lam * readouts.trak(queries, train, lam).astype(np.float64)
         errors.append(np.linalg.norm(scaled - dot) / np.linalg.norm(dot))
     assert all(later < earlier for earlier, later in zip(errors, errors[1:], strict=False))
     assert errors[-1] < 1e-5
@@ -163,26 +162,24 @@ def test_scores_for_lambdas_match_single_lambda_calls(features):
     lambdas = [0.01, 1.0, 500.0]
     residuals = np.random.default_rng(4).uniform(0.1, 1.0, size=NUM_TRAIN)
     solver = KernelSolver.from_features(train)
-    swept = scores_for_lambdas(
-        "das", queries, train, lambdas, solver=solver, residuals=residuals, square=False
-    )
+    swept = readouts.sweep("das", queries, train, lambdas, solver=solver, residuals=residuals, square=False)
     for lam in lambdas:
         np.testing.assert_allclose(
-            swept[lam], das_scores(queries, train, lam, residuals, square=False), rtol=1e-6
+            swept[lam], readouts.das(queries, train, lam, residuals, square=False), rtol=1e-6
         )
     for method in ("trak", "relatif", "renorm"):
-        swept = scores_for_lambdas(method, queries, train, lambdas, block_size=9)
+        swept = readouts.sweep(method, queries, train, lambdas, block_size=9)
         for lam in lambdas:
-            np.testing.assert_allclose(swept[lam], SCORERS[method](queries, train, lam), rtol=1e-6)
+            np.testing.assert_allclose(swept[lam], readouts.SINGLE[method](queries, train, lam), rtol=1e-6)
 
 
 def test_journey_trak_is_sum_of_per_step_trak(features):
     _, train = features
     steps = np.random.default_rng(5).normal(size=(4, NUM_QUERIES, DIM))
     lam = 0.8
-    per_step = sum(trak_scores(step, train, lam).astype(np.float64) for step in steps)
-    np.testing.assert_allclose(journey_trak_scores(steps, train, lam), per_step, rtol=1e-5)
-    swept = scores_for_lambdas("journey_trak", steps, train, [lam])[lam]
+    per_step = sum(readouts.trak(step, train, lam).astype(np.float64) for step in steps)
+    np.testing.assert_allclose(readouts.journey_trak(steps, train, lam), per_step, rtol=1e-5)
+    swept = readouts.sweep("journey_trak", steps, train, [lam])[lam]
     np.testing.assert_allclose(swept, per_step, rtol=1e-5)
 
 
@@ -217,8 +214,8 @@ def test_screening_keeps_top_m_and_zeroes_the_rest(features):
     for row, keep in zip(cheap, mask, strict=True):
         assert row[keep].min() >= row[~keep].max()
     lam = 0.5
-    full = das_scores(queries, train, lam, square=False)
-    masked = das_scores(queries, train, lam, square=False, mask=mask, block_size=7)
+    full = readouts.das(queries, train, lam, square=False)
+    masked = readouts.das(queries, train, lam, square=False, mask=mask, block_size=7)
     assert (masked[~mask] == 0).all()
     np.testing.assert_array_equal(masked[mask], full[mask])
     tracin = tracin_scores([(1.0, queries, train)], mask=mask)
@@ -245,15 +242,6 @@ def test_topk_proponents_and_opponents():
     assert masked["proponent_indices"] == [[0], [1]] and masked["opponent_indices"] == [[3], [2]]
 
 
-def test_registry_covers_every_method():
-    expected = {
-        "das", "trak", "dtrak", "relatif", "renorm", "grad_cos", "pixel_dot", "pixel_cos",
-        "clip_dot", "clip_cos", "tracin", "journey_trak",
-    }  # fmt: skip
-    assert set(SCORERS) == expected
-    assert KERNEL_METHODS <= set(SCORERS)
-
-
 def _kernel_form(train: np.ndarray) -> KernelSolver:
     kernel = torch.from_numpy(train.T @ train)
     eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (kernel + kernel.T))
@@ -275,8 +263,8 @@ def test_more_dimensions_than_samples_uses_the_gram_form_with_the_same_results()
         np.testing.assert_allclose(gram.leverages(train, lam), kernel.leverages(train, lam), rtol=1e-8)
         np.testing.assert_allclose(gram.inverse_mean_abs(lam), np.abs(exact_inverse).mean(), rtol=1e-8)
         for method in ("trak", "das", "relatif"):
-            by_gram = scores_for_lambdas(method, queries, train, [lam], solver=gram)[lam]
-            by_kernel = scores_for_lambdas(method, queries, train, [lam], solver=kernel)[lam]
+            by_gram = readouts.sweep(method, queries, train, [lam], solver=gram)[lam]
+            by_kernel = readouts.sweep(method, queries, train, [lam], solver=kernel)[lam]
             np.testing.assert_allclose(by_gram, by_kernel, rtol=1e-4, atol=1e-6 * np.abs(by_kernel).max())
     with pytest.raises(ValueError, match="lambda = 0"):
         gram.inverse_spectrum(0.0)

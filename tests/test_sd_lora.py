@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import readouts
 import torch
 from safetensors.torch import load_file
 
@@ -17,10 +18,8 @@ from das_lightning import cli
 from das_lightning.attribution.features import FeatureSettings, collect_features
 from das_lightning.attribution.grads import PerSampleGradients, reference_flat_gradients
 from das_lightning.attribution.pipeline import load_scores
-from das_lightning.attribution.scores import das_scores
 from das_lightning.data import build_dataset
-from das_lightning.diffusion import per_sample_loss, rule_noise
-from das_lightning.evaluation.ground_truth import query_losses
+from das_lightning.diffusion import per_sample_loss, query_losses, rule_noise
 from das_lightning.loggers import LoggerSettings
 from das_lightning.manifest import ManifestMismatchError, hash_file
 from das_lightning.models.adapters import dataset_extra
@@ -243,7 +242,7 @@ def test_das_scores_run_end_to_end_on_lora_features(
     train_features = np.asarray(stores["train"].require_complete().features)
     query_features = np.asarray(stores["queries"].require_complete().features)
     assert train_features.shape == (2 * PER_CLASS, 32)
-    scores = das_scores(query_features, train_features, lam=1e-2)
+    scores = readouts.das(query_features, train_features, lam=1e-2)
     assert scores.shape == (4, 2 * PER_CLASS)
     assert np.isfinite(scores).all() and (scores >= 0).all()
     # a feature depends on the image and its identity only, not on the batch or the store it was collected in

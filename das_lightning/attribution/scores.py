@@ -28,7 +28,7 @@ Leverages h_ii always use the true inverse, so that 0 <= h_ii < 1.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -221,12 +221,12 @@ class KernelSolver:
         return self._inverse_mean_abs[lam]
 
 
-@dataclass(frozen=True)
-class _BlockTerms:
-    """What a kernel scorer needs for one block of train samples and one lambda."""
+@dataclass
+class BlockTerms:
+    """What a kernel readout needs for one block of train samples and one lambda."""
 
     similarity: torch.Tensor  # M x b: phi_q^T (K + lambda I)^-1 phi_i, true (unscaled) inverse
-    leverage: torch.Tensor | None  # b: h_ii with the true inverse (None when the method does not use it)
+    leverage: torch.Tensor | None  # b: h_ii with the true inverse (None when the readout does not use it)
     inverse_scale: float  # 1 / mean|(K + lambda I)^-1| under normalize_inverse, else 1
     start: int
     stop: int
@@ -235,8 +235,86 @@ class _BlockTerms:
     self_psi: torch.Tensor | None = None
 
 
-# Turns the block terms into the scores of one method; a kernel method is the pair (finisher, needs leverage).
-_Finisher = Callable[[_BlockTerms], torch.Tensor]
+class Readout:
+    """Turns the kernel terms of one block into one method's scores (queries x block)."""
+
+    needs_leverage = False
+    uses_psi = False  # whether it reads train_psi (the exact DAS residual)
+
+    def __call__(self, terms: BlockTerms) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check(self, num_train: int) -> None:
+        """Refuse options that cannot go with this readout (called once before the pass)."""
+
+
+class InnerProduct(Readout):
+    """TRAK and D-TRAK: phi_q^T (K + lambda I)^-1 phi_i (the two differ only in the features' output function)."""
+
+    def __call__(self, terms: BlockTerms) -> torch.Tensor:
+        return terms.similarity * terms.inverse_scale
+
+
+class RelativeInfluence(Readout):
+    """Relative influence: TRAK / sqrt(phi_i^T (K + lambda I)^-1 phi_i) (0 for a zero train feature)."""
+
+    needs_leverage = True
+
+    def __call__(self, terms: BlockTerms) -> torch.Tensor:
+        # the denominator phi_i^T K_l^-1 phi_i is the leverage, under the same (possibly rescaled) inverse
+        if terms.leverage is None:
+            raise RuntimeError("relative influence needs the leverages; kernel_scores computes them")
+        self_influence = (terms.leverage * terms.inverse_scale).sqrt()
+        safe = torch.where(self_influence > 0, self_influence, torch.ones_like(self_influence))
+        return torch.where(self_influence > 0, terms.similarity * terms.inverse_scale / safe, 0.0)
+
+
+class DASReadout(Readout):
+    """DAS: (phi_q^T (K + lambda I)^-1 phi_i * r_i / (1 - h_ii))^2, or with ``exact`` the Sherman-Morrison form.
+
+    The one-step form is the squared change of the output on q when sample i is left out of a ridge least-squares
+    fit of a model linear in its parameters, *if* the gradient of sample i's own loss is r_i phi_i with r_i its
+    signed residual (METHOD.md §2); with any other r_i (the authors' normalised r_i, or none) it is an
+    approximation. ``exact`` (kernel_scores given ``train_psi``, N x k, psi_i = minus the gradient of sample i's own
+    loss in feature space) drops that assumption: phi_q^T H^-1 psi_i + (phi_q^T H^-1 phi_i)(phi_i^T H^-1 psi_i) /
+    (1 - h_ii) is the exact leave-one-out change for the linearised model, and equals the one-step form when
+    psi_i = r_i phi_i. ``square=False`` keeps the sign (positive: including i raises f(q)); ``leverage=False``
+    drops 1/(1-h_ii) (the exact form needs it).
+    """
+
+    def __init__(
+        self, residuals: Any = None, leverage: bool = True, square: bool = True, exact: bool = False
+    ) -> None:
+        if exact and (residuals is not None or not leverage):
+            raise ValueError("the exact DAS residual (train_psi) replaces residuals and needs leverage=True")
+        self.residuals = residuals
+        self.needs_leverage = bool(leverage)
+        self.square = bool(square)
+        self.uses_psi = bool(exact)
+        self._residuals: torch.Tensor | None = None
+
+    def check(self, num_train: int) -> None:
+        vector = _residual_vector(self.residuals, num_train)
+        self._residuals = None if vector is None else torch.as_tensor(vector, dtype=torch.float64)
+
+    def __call__(self, terms: BlockTerms) -> torch.Tensor:
+        if self.uses_psi:
+            # exact Sherman-Morrison with the train sample's own loss direction psi_i (not assumed parallel to
+            # phi_i): phi_q^T H^-1 psi_i + (phi_q^T H^-1 phi_i)(phi_i^T H^-1 psi_i) / (1 - h_ii)
+            if terms.query_psi is None or terms.self_psi is None or terms.leverage is None:
+                raise RuntimeError("the exact DAS readout needs train_psi and the leverages")
+            change = terms.query_psi + terms.similarity * terms.self_psi / (1.0 - terms.leverage)
+            change = change * terms.inverse_scale
+            return change.square() if self.square else change
+        # the one-step form with psi_i = r_i phi_i: phi_q^T H^-1 phi_i r_i / (1 - h_ii)
+        change = terms.similarity * terms.inverse_scale
+        if self._residuals is not None:
+            change = change * self._residuals[terms.start : terms.stop]
+        if self.needs_leverage:
+            if terms.leverage is None:
+                raise RuntimeError("DAS with leverage needs the leverages; kernel_scores computes them")
+            change = change / (1.0 - terms.leverage)
+        return change.square() if self.square else change
 
 
 def _mask_block(scores: torch.Tensor, mask: Any, start: int, stop: int) -> torch.Tensor:
@@ -253,27 +331,30 @@ def _check_mask(mask: Any, num_queries: int, num_train: int) -> None:
         )
 
 
-def _kernel_scores(
+def kernel_scores(
     query_features: RowSliceable | torch.Tensor,
     train_features: RowSliceable,
     lambdas: Sequence[float],
-    finisher: _Finisher,
+    readout: Readout,
     *,
-    needs_leverage: bool,
-    solver: KernelSolver | None,
-    mask: Any,
-    block_size: int,
-    normalize_inverse: bool,
+    solver: KernelSolver | None = None,
+    mask: Any = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    normalize_inverse: bool = False,
     train_psi: RowSliceable | None = None,
 ) -> dict[float, np.ndarray]:
-    """One pass over the train features producing the (M, N) scores of one kernel method for every lambda.
+    """{lambda: (M, N) scores} of one kernel readout for every lambda, from one factorisation and one pass over
+    the train features. Memory of the result: len(lambdas) x M x N float32.
 
     ``train_psi`` (N x k, DAS's exact residual): each train sample's own loss direction psi_i, read block by block
     beside Phi; it need not lie in the span of the train rows, so the Gram form adds its 1/lambda part outside."""
+    if readout.uses_psi != (train_psi is not None):
+        raise ValueError("train_psi goes with, and only with, a readout that uses it (DAS residual=exact)")
     solver = solver if solver is not None else KernelSolver.from_features(train_features, block_size)
     num_train = len(train_features)
     if solver.num_samples != num_train:
         raise ValueError(f"solver was built on {solver.num_samples} train samples, features have {num_train}")
+    readout.check(num_train)
     queries = _read_all(query_features)
     queries_eigen = solver.to_eigenbasis(queries)  # M x r
     # the part of the queries outside V's span (Gram form): it meets psi there, through the 1/lambda term
@@ -288,7 +369,7 @@ def _kernel_scores(
     results = {lam: np.zeros((num_queries, num_train), dtype=np.float32) for lam in lambdas}
     for start, stop, block in iter_row_blocks(train_features, block_size):
         block_eigen = solver.to_eigenbasis(block)  # b x r, shared by every lambda
-        block_eigen_squared = block_eigen.square() if needs_leverage else None
+        block_eigen_squared = block_eigen.square() if readout.needs_leverage else None
         psi = None if train_psi is None else _as_float64(train_psi[start:stop])  # b x k
         psi_eigen = None if psi is None else solver.to_eigenbasis(psi)  # b x r
         psi_outside_products = (
@@ -303,7 +384,7 @@ def _kernel_scores(
                     query_psi = query_psi + psi_outside_products / lam
                 # phi_i lies in V's span: no outside term
                 self_psi = (block_eigen * psi_eigen * inverse_spectrum).sum(dim=1)
-            terms = _BlockTerms(
+            terms = BlockTerms(
                 similarity=(queries_eigen * inverse_spectrum) @ block_eigen.T,
                 leverage=None if block_eigen_squared is None else block_eigen_squared @ inverse_spectrum,
                 inverse_scale=scales[lam],
@@ -312,46 +393,9 @@ def _kernel_scores(
                 query_psi=query_psi,
                 self_psi=self_psi,
             )
-            scores = _mask_block(finisher(terms), mask, start, stop)
+            scores = _mask_block(readout(terms), mask, start, stop)
             results[lam][:, start:stop] = scores.numpy().astype(np.float32)
     return results
-
-
-def _trak_finisher(terms: _BlockTerms) -> torch.Tensor:
-    return terms.similarity * terms.inverse_scale
-
-
-def _relatif_finisher(terms: _BlockTerms) -> torch.Tensor:
-    # the denominator phi_i^T K_l^-1 phi_i is the leverage, under the same (possibly rescaled) inverse
-    assert terms.leverage is not None
-    self_influence = (terms.leverage * terms.inverse_scale).sqrt()
-    safe = torch.where(self_influence > 0, self_influence, torch.ones_like(self_influence))
-    return torch.where(self_influence > 0, terms.similarity * terms.inverse_scale / safe, 0.0)
-
-
-def _das_finisher(
-    residuals: np.ndarray | None, leverage: bool, square: bool
-) -> Callable[[_BlockTerms], torch.Tensor]:
-    residual_tensor = None if residuals is None else torch.as_tensor(residuals, dtype=torch.float64)
-
-    def finish(terms: _BlockTerms) -> torch.Tensor:
-        if terms.query_psi is not None:
-            # exact Sherman-Morrison with the train sample's own loss direction psi_i (not assumed parallel to
-            # phi_i): phi_q^T H^-1 psi_i + (phi_q^T H^-1 phi_i)(phi_i^T H^-1 psi_i) / (1 - h_ii)
-            assert terms.self_psi is not None and terms.leverage is not None
-            change = terms.query_psi + terms.similarity * terms.self_psi / (1.0 - terms.leverage)
-            change = change * terms.inverse_scale
-            return change.square() if square else change
-        # the one-step form with psi_i = r_i phi_i: phi_q^T H^-1 phi_i r_i / (1 - h_ii)
-        change = terms.similarity * terms.inverse_scale
-        if residual_tensor is not None:
-            change = change * residual_tensor[terms.start : terms.stop]
-        if leverage:
-            assert terms.leverage is not None
-            change = change / (1.0 - terms.leverage)
-        return change.square() if square else change
-
-    return finish
 
 
 def _residual_vector(residuals: Any, num_train: int) -> np.ndarray | None:
@@ -365,157 +409,15 @@ def _residual_vector(residuals: Any, num_train: int) -> np.ndarray | None:
     return vector
 
 
-def trak_scores(
-    query_features: RowSliceable,
-    train_features: RowSliceable,
-    lam: float,
-    *,
-    solver: KernelSolver | None = None,
-    mask: Any = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    normalize_inverse: bool = False,
-) -> np.ndarray:
-    """TRAK and D-TRAK: phi_q^T (K + lambda I)^-1 phi_i (the two differ only in the output function of the features)."""
-    return _kernel_scores(
-        query_features,
-        train_features,
-        [lam],
-        _trak_finisher,
-        needs_leverage=False,
-        solver=solver,
-        mask=mask,
-        block_size=block_size,
-        normalize_inverse=normalize_inverse,
-    )[float(lam)]
-
-
-def das_scores(
-    query_features: RowSliceable,
-    train_features: RowSliceable,
-    lam: float,
-    residuals: Any = None,
-    leverage: bool = True,
-    square: bool = True,
-    *,
-    train_psi: RowSliceable | None = None,
-    solver: KernelSolver | None = None,
-    mask: Any = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    normalize_inverse: bool = False,
-) -> np.ndarray:
-    """DAS: (phi_q^T (K + lambda I)^-1 phi_i * r_i / (1 - h_ii))^2, or with ``train_psi`` the exact form.
-
-    The one-step form is the squared change of the output on q when sample i is left out of a ridge least-squares
-    fit of a model linear in its parameters, *if* the gradient of sample i's own loss is r_i phi_i with r_i its
-    signed residual (METHOD.md §2); with any other r_i (the authors' normalised r_i, or none) it is an
-    approximation. ``train_psi`` (N x k, psi_i = minus the gradient of sample i's own loss, in feature space) drops
-    that assumption: phi_q^T H^-1 psi_i + (phi_q^T H^-1 phi_i)(phi_i^T H^-1 psi_i) / (1 - h_ii) is the exact
-    Sherman-Morrison leave-one-out change for the linearised model, and equals the one-step form when
-    psi_i = r_i phi_i. ``square=False`` keeps the sign (positive: including i raises f(q)); ``leverage=False``
-    drops 1/(1-h_ii) (the exact form needs it).
-    """
-    return das_scores_for_lambdas(
-        query_features,
-        train_features,
-        [lam],
-        residuals,
-        leverage,
-        square,
-        train_psi=train_psi,
-        solver=solver,
-        mask=mask,
-        block_size=block_size,
-        normalize_inverse=normalize_inverse,
-    )[float(lam)]
-
-
-def das_scores_for_lambdas(
-    query_features: RowSliceable,
-    train_features: RowSliceable,
-    lambdas: Sequence[float],
-    residuals: Any = None,
-    leverage: bool = True,
-    square: bool = True,
-    *,
-    train_psi: RowSliceable | None = None,
-    solver: KernelSolver | None = None,
-    mask: Any = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    normalize_inverse: bool = False,
-) -> dict[float, np.ndarray]:
-    """:func:`das_scores` for every lambda, in one pass over the train features."""
-    if train_psi is not None and (residuals is not None or not leverage):
-        raise ValueError("the exact DAS residual (train_psi) replaces residuals and needs leverage=True")
-    return _kernel_scores(
-        query_features,
-        train_features,
-        lambdas,
-        _das_finisher(_residual_vector(residuals, len(train_features)), leverage, square),
-        needs_leverage=leverage,
-        solver=solver,
-        mask=mask,
-        block_size=block_size,
-        normalize_inverse=normalize_inverse,
-        train_psi=train_psi,
-    )
-
-
-def relatif_scores(
-    query_features: RowSliceable,
-    train_features: RowSliceable,
-    lam: float,
-    *,
-    solver: KernelSolver | None = None,
-    mask: Any = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    normalize_inverse: bool = False,
-) -> np.ndarray:
-    """Relative influence: TRAK / sqrt(phi_i^T (K + lambda I)^-1 phi_i) (0 for a zero train feature)."""
-    return _kernel_scores(
-        query_features,
-        train_features,
-        [lam],
-        _relatif_finisher,
-        needs_leverage=True,
-        solver=solver,
-        mask=mask,
-        block_size=block_size,
-        normalize_inverse=normalize_inverse,
-    )[float(lam)]
-
-
-def renorm_scores(
-    query_features: RowSliceable,
-    train_features: RowSliceable,
-    lam: float,
-    *,
-    solver: KernelSolver | None = None,
-    mask: Any = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    normalize_inverse: bool = False,
-) -> np.ndarray:
-    """Renormalized influence: TRAK on phi / ||phi|| for queries and train, kernel built on the normalised rows.
-
-    A ``solver`` passed here must have been built on the row-normalised train features (:func:`normalized_rows`).
-    """
-    return trak_scores(
-        normalized_rows(query_features),
-        normalized_rows(train_features),
-        lam,
-        solver=solver,
-        mask=mask,
-        block_size=block_size,
-        normalize_inverse=normalize_inverse,
-    )
-
-
 def normalized_rows(features: RowSliceable) -> RowSliceable:
     """A lazy view of ``features`` with every row scaled to unit L2 norm (for renormalized influence)."""
     return _RowNormalized(features)
 
 
-def _summed_steps(query_steps: Any) -> torch.Tensor:
-    """S x M x k per-denoising-step query features summed over the steps (float64, M x k), one step at a time."""
+def summed_steps(query_steps: Any) -> torch.Tensor:
+    """S x M x k per-denoising-step query features summed over the steps (float64, M x k), one step at a time.
+
+    Journey-TRAK's score is linear in the query feature, so the sum over steps of TRAK is TRAK of this sum."""
     if len(getattr(query_steps, "shape", ())) != 3:
         raise ValueError(
             f"query_steps must be steps x queries x k, got shape {getattr(query_steps, 'shape', None)}"
@@ -524,29 +426,6 @@ def _summed_steps(query_steps: Any) -> torch.Tensor:
     for step in range(1, len(query_steps)):
         total += _as_float64(query_steps[step])
     return total
-
-
-def journey_trak_scores(
-    query_steps: Any,
-    train_features: RowSliceable,
-    lam: float,
-    *,
-    solver: KernelSolver | None = None,
-    mask: Any = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    normalize_inverse: bool = False,
-) -> np.ndarray:
-    """Journey-TRAK: the sum over the query's denoising steps of TRAK, computed as TRAK of the summed features
-    (the score is linear in the query feature). ``query_steps`` is steps x queries x k."""
-    return trak_scores(
-        _summed_steps(query_steps),
-        train_features,
-        lam,
-        solver=solver,
-        mask=mask,
-        block_size=block_size,
-        normalize_inverse=normalize_inverse,
-    )
 
 
 def _similarity_scores(
@@ -592,9 +471,6 @@ def cosine_scores(
     return _similarity_scores(query_features, train_features, cosine=True, mask=mask, block_size=block_size)
 
 
-grad_cos_scores = cosine_scores
-
-
 def tracin_scores(
     checkpoints: Sequence[tuple[float, RowSliceable, RowSliceable]],
     *,
@@ -612,65 +488,12 @@ def tracin_scores(
         )
         contribution = float(learning_rate) * products
         total = contribution if total is None else total + contribution
-    assert total is not None
+    if total is None:
+        raise ValueError("tracin_scores needs at least one checkpoint")
     _check_mask(mask, total.shape[0], total.shape[1])
     if mask is not None:
         total = np.where(np.asarray(mask, dtype=bool), total, 0.0)
     return total.astype(np.float32)
-
-
-def _kernel_method(method: str, options: dict[str, Any], num_train: int) -> tuple[_Finisher, bool]:
-    """The finisher of a kernel method with its options, and whether it needs the leverages h_ii."""
-    if method in ("trak", "dtrak", "renorm", "journey_trak"):
-        return _trak_finisher, False
-    if method == "relatif":
-        return _relatif_finisher, True
-    if method == "das":
-        leverage = bool(options.get("leverage", True))
-        residuals = _residual_vector(options.get("residuals"), num_train)
-        if options.get("train_psi") is not None and (residuals is not None or not leverage):
-            raise ValueError("the exact DAS residual (train_psi) replaces residuals and needs leverage=True")
-        return _das_finisher(residuals, leverage, bool(options.get("square", True))), leverage
-    raise KeyError(f"{method!r} is not a kernel method; kernel methods: {sorted(KERNEL_METHODS)}")
-
-
-KERNEL_METHODS = frozenset({"das", "trak", "dtrak", "relatif", "renorm", "journey_trak"})
-
-
-def scores_for_lambdas(
-    method: str,
-    query_features: Any,
-    train_features: RowSliceable,
-    lambdas: Sequence[float],
-    *,
-    solver: KernelSolver | None = None,
-    mask: Any = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    normalize_inverse: bool = False,
-    **options: Any,
-) -> dict[float, np.ndarray]:
-    """Scores of a kernel method for every lambda, from one factorisation and one pass over the train features.
-
-    ``options`` are the method's own (``residuals``, ``leverage``, ``square``, ``train_psi`` for DAS).
-    ``query_features`` is steps x queries x k for journey_trak. Memory of the result: len(lambdas) x M x N float32.
-    """
-    finisher, needs_leverage = _kernel_method(method, options, len(train_features))
-    if method == "renorm":
-        query_features, train_features = normalized_rows(query_features), normalized_rows(train_features)
-    elif method == "journey_trak":
-        query_features = _summed_steps(query_features)
-    return _kernel_scores(
-        query_features,
-        train_features,
-        lambdas,
-        finisher,
-        needs_leverage=needs_leverage,
-        solver=solver,
-        mask=mask,
-        block_size=block_size,
-        normalize_inverse=normalize_inverse,
-        train_psi=options.get("train_psi"),
-    )
 
 
 def _loss_matrix(per_timestep_losses: Any) -> np.ndarray:
@@ -742,21 +565,3 @@ def topk(scores: Any, k: int, mask: Any = None) -> dict[str, list[list[Any]]]:
         result["opponent_indices"].append([int(i) for i in lowest])
         result["opponent_scores"].append([float(row[i]) for i in lowest])
     return result
-
-
-# Method name -> scorer. Kernel methods (KERNEL_METHODS) take (queries, train, lam, ...); similarity baselines take
-# (queries, train); tracin takes a list of (lr, queries, train) per checkpoint; journey_trak takes steps x M x k.
-SCORERS: dict[str, Callable[..., np.ndarray]] = {
-    "das": das_scores,
-    "trak": trak_scores,
-    "dtrak": trak_scores,
-    "relatif": relatif_scores,
-    "renorm": renorm_scores,
-    "journey_trak": journey_trak_scores,
-    "grad_cos": grad_cos_scores,
-    "pixel_dot": dot_scores,
-    "pixel_cos": cosine_scores,
-    "clip_dot": dot_scores,
-    "clip_cos": cosine_scores,
-    "tracin": tracin_scores,
-}

@@ -13,12 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from das_lightning.attribution.pipeline import (
-    clip_image_embeddings,
-    load_local_clip,
-    load_scores,
-    scores_at,
-)
+from das_lightning.attribution.pipeline import load_scores, scores_at
+from das_lightning.clip import clip_image_embeddings, load_local_clip
 from das_lightning.data import ImageDataset
 from das_lightning.lambdas import DEFAULT_LAMBDA_SCALE, choose_scale
 from das_lightning.manifest import atomic_write_text

@@ -23,79 +23,12 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from safetensors.torch import load_file, save_file
 from typing_extensions import override
 
-from das_lightning.diffusion import per_sample_loss, rule_noise
+from das_lightning.diffusion import NUM_TRAIN_TIMESTEPS, as_index_list, query_losses
 from das_lightning.manifest import check_or_write_manifest, hash_array
 
 DEFAULT_E_SEEDS: tuple[int, ...] = (0, 1, 2)
-DEFAULT_TIMESTEPS: tuple[int, ...] = tuple(range(1000))
+DEFAULT_TIMESTEPS: tuple[int, ...] = tuple(range(NUM_TRAIN_TIMESTEPS))
 LOSSES_FILE = "losses.safetensors"
-
-
-def _as_index_list(indices: Sequence[int] | torch.Tensor) -> list[int]:
-    return [int(i) for i in (indices.tolist() if torch.is_tensor(indices) else indices)]
-
-
-@torch.no_grad()
-def query_losses(
-    unet: torch.nn.Module,
-    alphas_cumprod: torch.Tensor,
-    images: torch.Tensor,
-    indices: Sequence[int] | torch.Tensor,
-    set_name: str,
-    timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
-    e_seeds: Sequence[int] = DEFAULT_E_SEEDS,
-    batch_size: int = 256,
-    device: torch.device | str = "cpu",
-    extra: Mapping[str, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Ground-truth loss of ``unet`` on each query: images (Q, C, H, W) in [-1, 1] -> (Q,) float64.
-
-    Every (query, timestep, e_seed) triple is one row of a UNet batch of up to ``batch_size`` rows; the noise of a row
-    depends only on (set_name, indices[q], t, e_seed), so the result does not depend on batch size or query order.
-    ``extra`` holds per-query network inputs indexed like ``images`` (e.g. ``encoder_hidden_states`` (Q, L, D)).
-    """
-    index_list = _as_index_list(indices)
-    num_queries = images.shape[0]
-    assert len(index_list) == num_queries, f"{len(index_list)} indices for {num_queries} images"
-    timestep_list, e_seed_list = [int(t) for t in timesteps], [int(e) for e in e_seeds]
-    assert timestep_list and e_seed_list, "need at least one timestep and one e_seed"
-    extra = dict(extra or {})
-    for key, value in extra.items():
-        assert value.shape[0] == num_queries, (
-            f"extra {key!r} has {value.shape[0]} rows for {num_queries} queries"
-        )
-    was_training = unet.training
-    unet.eval()
-    alphas_cumprod = alphas_cumprod.to(device)
-    # all (query, timestep, e_seed) triples, flattened: row r -> query r // (T*E), then t, then e_seed
-    query_of_row = torch.arange(num_queries).repeat_interleave(len(timestep_list) * len(e_seed_list))
-    timestep_of_row = torch.tensor(timestep_list).repeat_interleave(len(e_seed_list)).repeat(num_queries)
-    e_seed_of_row = torch.tensor(e_seed_list).repeat(num_queries * len(timestep_list))
-    totals = torch.zeros(num_queries, dtype=torch.float64)
-    try:
-        for start in range(0, query_of_row.numel(), batch_size):
-            rows = slice(start, start + batch_size)
-            queries, steps, seeds = query_of_row[rows], timestep_of_row[rows], e_seed_of_row[rows]
-            # rule_noise takes one e_seed: draw each e_seed's rows and scatter them back into batch order
-            noise = torch.empty((queries.numel(), *images.shape[1:]), dtype=torch.float32)
-            for e_seed in seeds.unique().tolist():
-                chosen = seeds == e_seed
-                noise[chosen] = rule_noise(
-                    set_name,
-                    [index_list[q] for q in queries[chosen].tolist()],
-                    steps[chosen],
-                    e_seed,
-                    images.shape[1:],
-                )
-            clean = images[queries].to(device=device, dtype=torch.float32)
-            row_extra = {key: value[queries].to(device) for key, value in extra.items()}
-            losses = per_sample_loss(
-                unet, clean, noise.to(device), steps.to(device), alphas_cumprod, **row_extra
-            )  # (B,)
-            totals.index_add_(0, queries, losses.double().cpu())
-    finally:
-        unet.train(was_training)
-    return totals / (len(timestep_list) * len(e_seed_list))
 
 
 class GroundTruthModule(lightning.LightningModule):
@@ -205,7 +138,7 @@ def gather_predictions(
             previous = loss_by_index.setdefault(int(index), loss)
             if abs(previous - loss) > 1e-6 * max(1.0, abs(loss)):
                 raise ValueError(f"index {index} has two different losses: {previous} and {loss}")
-    wanted = sorted(loss_by_index) if indices is None else _as_index_list(indices)
+    wanted = sorted(loss_by_index) if indices is None else as_index_list(indices)
     missing = [index for index in wanted if index not in loss_by_index]
     if missing:
         raise KeyError(f"{len(missing)} requested indices have no prediction, e.g. {missing[:5]}")
@@ -224,7 +157,7 @@ def ground_truth_manifest(
     **extra: Any,
 ) -> dict[str, Any]:
     """The settings that make a ground-truth cache: the model (e.g. its checkpoint hash), the queries, the grid."""
-    index_list = _as_index_list(indices)
+    index_list = as_index_list(indices)
     return {
         "kind": "lds_ground_truth",
         "model": model_id,

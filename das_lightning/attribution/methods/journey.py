@@ -1,0 +1,55 @@
+"""Journey-TRAK: TRAK summed over the denoising steps of each generated query, each step's feature taken at
+its own timestep on the model's prediction of the clean image at that step."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import numpy as np
+
+from das_lightning.attribution import scores as scoring
+from das_lightning.attribution.context import ScoringContext
+from das_lightning.attribution.features import FeatureSettings
+from das_lightning.attribution.methods.base import register
+from das_lightning.attribution.methods.kernel import KernelMethod
+from das_lightning.data import ModelSpaceDataset
+
+
+@register("journey_trak")
+class JourneyTRAK(KernelMethod):
+    needs_journey = True
+
+    def validate(self) -> None:
+        if self.settings.journey_steps < 1:
+            raise ValueError(f"method.journey_steps must be at least 1, got {self.settings.journey_steps}")
+
+    def scores(self, context: ScoringContext, query_set: str) -> dict[float | None, np.ndarray]:
+        inputs, settings = context.inputs, self.settings
+        if query_set not in inputs.journey:
+            raise ValueError(
+                f"journey_trak attributes generated queries along their trajectory; {query_set!r} has none"
+            )
+        dataset = inputs.query_sets[query_set]
+        steps = []
+        for timestep, predicted_clean in inputs.journey[query_set]:
+            features = FeatureSettings(
+                **{**asdict(settings.features), "timestep_strategy": "explicit", "timesteps": [int(timestep)]}
+            )
+            # already in the network's space (pixels, or latents of a latent model): no encoding on the way in
+            state = ModelSpaceDataset(
+                f"{dataset.set_name}:journey-t{timestep}",
+                predicted_clean,
+                dataset.labels,
+                dataset.class_names,
+            )
+            state.content_id = dataset.content_id  # replayed from exactly these generated images
+            steps.append(context.feature_store(features, state, f"{query_set}-journey-t{timestep}").features)
+        queries = scoring.summed_steps(np.stack([np.asarray(step) for step in steps]))
+        train = context.train_store().features
+        solver = context.solver()
+        return context.by_scale(
+            solver,
+            lambda lambdas: scoring.kernel_scores(
+                queries, train, lambdas, scoring.InnerProduct(), solver=solver, block_size=settings.block_size
+            ),
+        )

@@ -1,0 +1,62 @@
+"""Similarity baselines: cosine (or dot) similarity of gradient features, raw pixels or CLIP embeddings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from das_lightning.attribution import scores as scoring
+from das_lightning.attribution.context import ScoringContext, flat_pixels
+from das_lightning.attribution.methods.base import Method, register, validate_similarity
+from das_lightning.clip import clip_embeddings, load_local_clip
+
+
+class SimilarityMethod(Method):
+    """Scores are similarities (``method.similarity``: cosine or dot); no lambda."""
+
+    def validate(self) -> None:
+        validate_similarity(self.settings)
+
+    def similarity(self) -> Callable[..., np.ndarray]:
+        return scoring.cosine_scores if self.settings.similarity == "cosine" else scoring.dot_scores
+
+
+@register("grad_cos")
+class GradientSimilarity(SimilarityMethod):
+    """Similarity of the gradient features (the gradient-cosine baseline)."""
+
+    def scores(self, context: ScoringContext, query_set: str) -> dict[float | None, np.ndarray]:
+        train = context.train_store().features
+        queries = context.query_store(query_set).features
+        scores = self.similarity()(
+            queries, train, mask=context.mask(query_set), block_size=self.settings.block_size
+        )
+        return {None: scores}
+
+
+@register("pixel")
+class PixelSimilarity(SimilarityMethod):
+    """Similarity of raw pixels."""
+
+    needs_features = False
+
+    def scores(self, context: ScoringContext, query_set: str) -> dict[float | None, np.ndarray]:
+        inputs = context.inputs
+        return {
+            None: self.similarity()(flat_pixels(inputs.query_sets[query_set]), flat_pixels(inputs.train_set))
+        }
+
+
+@register("clip")
+class CLIPSimilarity(SimilarityMethod):
+    """Similarity of CLIP image embeddings (the model from the local Hugging Face cache)."""
+
+    needs_features = False
+
+    def check_available(self) -> None:
+        load_local_clip(self.settings.clip_model)
+
+    def scores(self, context: ScoringContext, query_set: str) -> dict[float | None, np.ndarray]:
+        queries = clip_embeddings(context.inputs.query_sets[query_set], self.settings.clip_model)
+        return {None: self.similarity()(queries, context.clip_train_embeddings())}
