@@ -77,6 +77,18 @@ class TrainSettings:
     snapshot_every_n_steps: int = 0  # >0: keep weights every N steps for TracIn
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
 
+    def validate(self) -> None:
+        """Refuse settings that would end in a Lightning or optimizer traceback later."""
+        for key in ("max_steps", "batch_size"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"train.{key} must be a positive integer, got {getattr(self, key)}")
+        if int(self.snapshot_every_n_steps) < 0 or int(self.num_workers) < 0:
+            raise ValueError("train.snapshot_every_n_steps and train.num_workers must be >= 0")
+        if float(self.grad_clip) < 0:
+            raise ValueError(f"train.grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
+        if not float(self.optimizer.lr) > 0:
+            raise ValueError(f"train.optimizer.lr must be positive, got {self.optimizer.lr}")
+
 
 @dataclass
 class TrainerSettings:
@@ -176,6 +188,19 @@ def _check_resumable(checkpoint: Path) -> None:
         )
 
 
+def check_fits_unet(unet: torch.nn.Module, image_size: int) -> None:
+    """A UNet2DModel halves the image at every down block but the last: the size must divide by that factor."""
+    blocks = getattr(getattr(unet, "config", None), "block_out_channels", None)
+    if blocks is None:
+        return
+    factor = 2 ** (len(blocks) - 1)
+    if int(image_size) % factor:
+        raise ValueError(
+            f"dataset.image_size={image_size} does not fit this UNet: its {len(blocks)} levels need a multiple of "
+            f"{factor} (e.g. {max(factor, int(image_size) // factor * factor)})"
+        )
+
+
 def train_model(
     paths: RunPaths,
     unet_factory: Callable[[], torch.nn.Module],
@@ -197,11 +222,14 @@ def train_model(
     ``unet_factory`` is called after seeding, so the initial weights are a function of the run's training seed.
     ``adapter`` loads the saved model for generating queries (default: pixel DDPM; see ``model.adapter``).
     """
+    train.validate()
     indices = subset_indices(train_set, subset)  # validates the subset before any work
     run_dir = paths.run_dir
     seed_for_run = training_seed(subset.seed_tag or paths.tag, seed)
     L.seed_everything(seed_for_run, workers=True, verbose=False)
     unet = unet_factory()
+    if module_class is DiffusionModule:  # pixel DDPM: the images enter the UNet as they are
+        check_fits_unet(unet, train_set.image_size)
     manifest = {
         "dataset": train_set.set_name,
         "num_train": len(train_set),

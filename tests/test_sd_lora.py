@@ -568,3 +568,19 @@ def test_lora_sampling_follows_the_pipeline_schedule_and_never_clips_latents(tra
         scheduler.alphas_cumprod, model.alphas_cumprod
     )  # scaled-linear, not pixel DDPM
     assert scheduler.timesteps.tolist() == list(range(901, 0, -100))
+
+
+def test_the_lora_module_loads_the_pretrained_unet_once(pipeline_folder: Path, monkeypatch) -> None:
+    import das_lightning.models.sd_lora as sd_lora
+
+    loaded: list[str | None] = []
+    original = sd_lora.load_pretrained_component
+
+    def counting(loader, pretrained, subfolder):
+        loaded.append(subfolder)
+        return original(loader, pretrained, subfolder)
+
+    monkeypatch.setattr(sd_lora, "load_pretrained_component", counting)
+    unet = load_pretrained_unet(str(pipeline_folder))  # what model.unet instantiates
+    StableDiffusionLoRAModule(unet, OptimizerSettings(), pretrained=str(pipeline_folder), rank=4)
+    assert loaded.count("unet") == 1 and {"vae", "text_encoder", "tokenizer", "scheduler"} <= set(loaded)

@@ -175,16 +175,22 @@ def test_subset_models_of_one_seed_start_from_identical_weights_and_the_full_mod
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("subset.alpha=1.5", "subset.alpha"), ("subset.index=-1", "subset.index")],
+    [
+        ("subset.alpha=1.5", "subset.alpha"),
+        ("subset.index=-1", "subset.index"),
+        ("train.max_steps=-5", "train.max_steps must be a positive integer"),
+        ("dataset.image_size=17", "dataset.image_size=17 does not fit this UNet"),
+    ],
 )
-def test_bad_subset_is_refused_before_any_work(tmp_path: Path, override: str, message: str) -> None:
+def test_bad_settings_are_refused_before_any_work(tmp_path: Path, override: str, message: str) -> None:
+    key = override.split("=")[0]
     result = run_entry(
         "train.py",
         "subset=lds",
         "subset.index=0",
         override,
         f"paths.root={tmp_path}",
-        *TINY_TRAIN,
+        *[o for o in TINY_TRAIN if not o.startswith(key + "=")],
         cwd=tmp_path,
         check=False,
     )

@@ -45,7 +45,9 @@ class PretrainedModelNotFoundError(FileNotFoundError):
 class StableDiffusionParts:
     """The components of a Stable Diffusion pipeline that training and attribution use."""
 
-    unet: torch.nn.Module
+    unet: (
+        torch.nn.Module | None
+    )  # None when the caller already holds the UNet (load_stable_diffusion(unet=False))
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
     tokenizer: Any
@@ -85,9 +87,9 @@ def load_pretrained_component(loader: Any, pretrained: str, subfolder: str | Non
         ) from error
 
 
-def load_stable_diffusion(pretrained: str) -> StableDiffusionParts:
+def load_stable_diffusion(pretrained: str, unet: bool = True) -> StableDiffusionParts:
     """The components of ``pretrained`` (a local folder or a cached hub id), as saved; callers freeze what they
-    do not train."""
+    do not train. ``unet=False`` skips the UNet (the training module is handed one already)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -98,7 +100,7 @@ def load_stable_diffusion(pretrained: str) -> StableDiffusionParts:
             "assume epsilon prediction (SD 1.x / miniSD)"
         )
     return StableDiffusionParts(
-        unet=load_pretrained_component(UNet2DConditionModel, pretrained, "unet"),
+        unet=load_pretrained_component(UNet2DConditionModel, pretrained, "unet") if unet else None,
         vae=load_pretrained_component(AutoencoderKL, pretrained, "vae"),
         text_encoder=load_pretrained_component(CLIPTextModel, pretrained, "text_encoder"),
         tokenizer=load_pretrained_component(CLIPTokenizer, pretrained, "tokenizer"),
@@ -221,7 +223,7 @@ class StableDiffusionLoRAModule(DiffusionModule):
         add_lora(unet, lora_settings)  # before the base class sees the UNet, so its EMA copy (if any) matches
         super().__init__(unet, optimizer, seed)
         self.lora_settings = lora_settings
-        parts = load_stable_diffusion(pretrained)
+        parts = load_stable_diffusion(pretrained, unet=False)  # the UNet is the one handed in: load it once
         self.pretrained = pretrained
         self.vae = parts.vae.requires_grad_(False).eval()
         self.text_encoder = parts.text_encoder.requires_grad_(False).eval()

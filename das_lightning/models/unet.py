@@ -34,15 +34,10 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
         up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
         dropout=0.1,
     ),
-    # CelebA 64x64: the same architecture as the CIFAR UNet, at 64 px (METHOD.md §4 names no other; an assumption)
-    "celeba": dict(
-        block_out_channels=(128, 256, 256, 256),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        dropout=0.1,
-    ),
 }
+# CelebA 64x64: METHOD.md §4 names only "DDPM UNet 64x64", no architecture of its own, so the preset IS the CIFAR
+# UNet (one definition, not a copy) and differs only by the sample size the dataset config gives it (64 px).
+UNET_PRESETS["celeba"] = UNET_PRESETS["cifar"]
 
 
 def build_unet(preset: str, sample_size: int, channels: int, **overrides: Any) -> UNet2DModel:
