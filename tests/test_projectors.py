@@ -96,7 +96,7 @@ def test_projection_independent_of_batch_size(projector) -> None:
     torch.testing.assert_close(one_by_one, together)
 
 
-CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA_ONLY = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import json
 import string
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import torch
 
 IMAGE_SIZE = 16  # pixels by default; the default VAE halves it once, so latents are 4 x 8 x 8
@@ -102,3 +106,107 @@ def build_tiny_sd_pipeline(
     )
     pipeline.save_pretrained(str(folder), safe_serialization=True)
     return folder
+
+
+@dataclass
+class LoRAStepResult:
+    """What :func:`lora_step_and_features` measured."""
+
+    device: str
+    frozen_dtypes: list[str]  # dtypes of the frozen UNet weights after the step (float32 on a CPU, see below)
+    lora_dtypes: list[str]
+    loss: float
+    step_seconds: float  # the training step: Trainer start-up included, so an upper bound
+    num_lora_parameters: int
+    features: torch.Tensor  # (B, k) projected LoRA features, float32, on the CPU
+    feature_seconds: float
+
+
+def lora_step_and_features(
+    pretrained: str | Path,
+    device: torch.device | str,
+    image_size: int,
+    frozen_dtype: str = "bfloat16",
+    batch_size: int = 4,
+    rank: int = 4,
+    timesteps: Sequence[int] = (100, 400, 700),
+    dim: int = 256,
+    seed: int = 0,
+) -> LoRAStepResult:
+    """One LoRA training step through Lightning (frozen weights cast to ``frozen_dtype`` on a GPU, as
+    ``model=sd_lora`` does), then projected per-sample LoRA features of the same random images with the trained
+    adapters and the frozen weights still in that dtype.
+
+    ``StableDiffusionLoRAModule`` casts the frozen weights only on CUDA (half-precision kernels are slow on a CPU),
+    so on a CPU the same code runs in float32; ``frozen_dtypes`` says what ran.
+    """
+    from torch.utils.data import DataLoader
+
+    from das_lightning.attribution.grads import PerSampleGradients
+    from das_lightning.attribution.projectors import build_projector
+    from das_lightning.models.ddpm import OptimizerSettings
+    from das_lightning.models.sd_lora import (
+        LORA_PARAMETER_PATTERN,
+        StableDiffusionLoRAModule,
+        load_pretrained_unet,
+    )
+
+    device = torch.device(device)
+    pretrained = str(pretrained)
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand((batch_size, 3, image_size, image_size), generator=generator) * 2 - 1
+    labels = torch.arange(batch_size) % 2
+    samples = [{"image": image, "label": label} for image, label in zip(images, labels, strict=True)]
+    torch.manual_seed(seed)
+    module = StableDiffusionLoRAModule(
+        load_pretrained_unet(pretrained),
+        OptimizerSettings(lr=1e-3, warmup_steps=0, total_steps=1),
+        seed=seed,
+        pretrained=pretrained,
+        rank=rank,
+        frozen_dtype=frozen_dtype,
+        class_names=["post_impressionism", "ukiyo_e"],
+    )
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=[device.index or 0] if device.type == "cuda" else 1,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    started = time.perf_counter()
+    trainer.fit(module, DataLoader(samples, batch_size=batch_size))
+    step_seconds = time.perf_counter() - started
+    loss = float(trainer.callback_metrics["train/loss"])
+
+    module.to(device)  # Lightning hands the module back on the CPU
+    lora = [parameter for name, parameter in module.unet.named_parameters() if LORA_PARAMETER_PATTERN in name]
+    frozen = [
+        parameter for name, parameter in module.unet.named_parameters() if LORA_PARAMETER_PATTERN not in name
+    ]
+    batch = {"image": images.to(device), "label": labels.to(device)}
+    started = time.perf_counter()
+    latents, extra = module.model_inputs(batch)  # in the frozen VAE's dtype, as the UNet's frozen weights
+    gradients = PerSampleGradients(
+        module.unet,
+        module.alphas_cumprod,
+        "mean",
+        list(timesteps),
+        normalize_per_timestep=True,
+        param_filter=LORA_PARAMETER_PATTERN,
+    )
+    projector = build_projector("dense", gradients.num_parameters, dim, seed=seed)
+    rows = projector.project(gradients.flat_gradients(latents, list(range(batch_size)), "lora-check", extra))
+    features = rows.float().cpu()  # waits for the device
+    return LoRAStepResult(
+        device=str(device),
+        frozen_dtypes=sorted({str(parameter.dtype).removeprefix("torch.") for parameter in frozen}),
+        lora_dtypes=sorted({str(parameter.dtype).removeprefix("torch.") for parameter in lora}),
+        loss=loss,
+        step_seconds=step_seconds,
+        num_lora_parameters=gradients.num_parameters,
+        features=features,
+        feature_seconds=time.perf_counter() - started,
+    )
