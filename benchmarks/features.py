@@ -408,18 +408,28 @@ def materialised_bytes(preset: str, dim: int) -> int:
     return count_parameters(model) * dim * 4
 
 
-def format_table(results: list[dict[str, Any]]) -> str:
-    """A markdown table: throughput, speed-up over the published recipe, cost relative to the floor, peak RSS."""
+def format_table(results: list[dict[str, Any]], gpu_memory: bool = False) -> str:
+    """A markdown table: throughput, speed-up over the published recipe, cost relative to the floor, peak RSS
+    (and peak GPU memory, for CUDA rows)."""
+    gpu_header, gpu_rule = (" peak GPU MiB |", "---|") if gpu_memory else ("", "")
     lines = [
-        "| model | P | method | N | sample-timesteps/s | a/b (speed-up) | a/c (cost) | warm-up s | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | P | method | N | sample-timesteps/s | a/b (speed-up) | a/c (cost) | warm-up s | peak RSS MiB |"
+        + gpu_header,
+        "|---|---|---|---|---|---|---|---|---|" + gpu_rule,
     ]
-    by_key = {(r["preset"], r["method"], r["num_samples"]): r for r in results if "error" not in r}
+    by_key = {
+        (r["preset"], r["method"], r["num_samples"]): r
+        for r in results
+        if "error" not in r and "skipped" not in r
+    }
     for r in results:
+        # rows with a fixed number of timesteps per vmap call say so (none: the automatic choice)
+        method = r["method"] + (f", {r['timestep_batch']} t per call" if r.get("timestep_batch") else "")
         if "error" in r or "skipped" in r:
             reason = r.get("skipped") or r["error"]
             lines.append(
-                f"| {r['preset']} | | {r['method']} | {r['num_samples']} | not run: {reason} | | | | |"
+                f"| {r['preset']} | | {method} | {r['num_samples']} | not run: {reason} | | | | |"
+                + (" |" if gpu_memory else "")
             )
             continue
         published = next(
@@ -442,10 +452,13 @@ def format_table(results: list[dict[str, Any]]) -> str:
             if r is not floor and floor
             else ""
         )
+        gpu_cell = ""
+        if gpu_memory:  # rows measured on a CPU have no GPU peak
+            gpu_cell = f" {r['peak_gpu_mib']:.0f} |" if r.get("peak_gpu_mib") is not None else " |"
         lines.append(
-            f"| {r['preset']} | {r['num_parameters'] / 1e6:.2f}M | {r['method']} | {r['num_samples']} "
+            f"| {r['preset']} | {r['num_parameters'] / 1e6:.2f}M | {method} | {r['num_samples']} "
             f"| {r['sample_timesteps_per_s']:.0f} | {speedup} | {cost} | {r['warmup_seconds']:.1f} "
-            f"| {r['peak_rss_mib']:.0f} |"
+            f"| {r['peak_rss_mib']:.0f} |" + gpu_cell
         )
     return "\n".join(lines)
 
