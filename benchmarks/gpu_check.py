@@ -132,7 +132,9 @@ def offline_env() -> dict[str, str]:
 
 def run_gpu_tests(paths: Sequence[str]) -> dict[str, Any]:
     """``pytest -m gpu`` over ``paths`` (skipped without CUDA); its summary line and exit status."""
-    command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", *paths]
+    # a module that cannot be imported there (a package not carried) must not stop the gpu tests of the others;
+    # it still counts as an error in the summary and the exit status
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "--continue-on-collection-errors", *paths]
     started = time.perf_counter()
     completed = subprocess.run(
         command, cwd=REPO, env=offline_env(), capture_output=True, text=True, check=False
