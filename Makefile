@@ -1,17 +1,26 @@
 # make demo: train -> generate -> attribute (DAS) on the embedded fashion2 data, offline, on CPU
 # make test: the fast CPU test suite
+# make bench-features / bench-lds: the CPU benchmarks (README, Benchmarks); make gpu-check: the GPU check
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
+# what a GPU machine without network needs beside its own torch/lightning/transformers/peft (pure Python wheels)
+GPU_WHEELS := diffusers importlib_metadata 'hydra-core>=1.3,<1.4' 'omegaconf>=2.3,<2.4' antlr4-python3-runtime==4.9.3 traker
 
-.PHONY: demo test lint bench-features bench-lds clean
+.PHONY: demo test lint bench-features bench-lds gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# the published recipe's projector (TRAK, PyPI traker: pure Python; its torch requirement is met by ours)
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
 
 demo: $(STAMP)
 	WANDB_MODE=offline $(BIN)/python train.py
@@ -24,8 +33,18 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-bench-features: $(STAMP)
+bench-features: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/features.py
+
+bench-lds: $(STAMP)
+	$(BIN)/python benchmarks/lds_fashion2.py
+
+gpu-check: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
+
+# wheels to carry to an offline GPU machine: pip install --no-index --no-deps .whl/*.whl there
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf outputs multirun

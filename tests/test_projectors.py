@@ -96,6 +96,39 @@ def test_projection_independent_of_batch_size(projector) -> None:
     torch.testing.assert_close(one_by_one, together)
 
 
+CUDA_ONLY = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        None,
+        "cpu",
+        # "cpu:0" is to the CPU what "cuda" is to cuda:0: the requested device never equals a tensor's device,
+        # so this case shows the per-batch rebuild without a GPU
+        "cpu:0",
+        torch.device("cpu", 0),
+        pytest.param("cuda", marks=CUDA_ONLY),
+        pytest.param("cuda:0", marks=CUDA_ONLY),
+    ],
+    ids=["none", "cpu", "cpu:0", "device-cpu-0", "cuda", "cuda:0"],
+)
+def test_dense_matrix_is_built_once_per_device(device, monkeypatch: pytest.MonkeyPatch) -> None:
+    projector = DenseProjector(300, 16, 4, chunk_rows=64, device=device)
+    assert projector.fits_in_memory
+    builds = []
+    build = projector.matrix
+    monkeypatch.setattr(projector, "matrix", lambda on: builds.append(on) or build(on))
+    grads = random_rows(4, 300)
+    first = projector.project(grads)
+    for _ in range(4):
+        torch.testing.assert_close(projector.project(grads), first, rtol=0, atol=0)
+    assert len(builds) == 1, builds
+    # the kept matrix lives where the features are made
+    assert first.device == projector._materialised.device
+    torch.testing.assert_close(first.cpu(), grads @ projector.matrix("cpu"))
+
+
 def test_sparse_matches_its_explicit_matrix_and_structure() -> None:
     projector = SparseJLProjector(400, 30, 5, nnz_per_param=4, chunk_rows=64)
     matrix = projector.matrix()

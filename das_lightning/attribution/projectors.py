@@ -130,8 +130,10 @@ class DenseProjector(Projector):
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
         self._check_input(grads)
-        device = self.device or grads.device
-        grads = grads.to(device=device, dtype=self.dtype)
+        grads = grads.to(device=self.device or grads.device, dtype=self.dtype)
+        # compare where the tensors are, not the requested device: "cuda" asks for the tensor device cuda:0, and
+        # the two never compare equal (a matrix rebuilt on every batch)
+        device = grads.device
         if self.fits_in_memory:
             if self._materialised is None or self._materialised.device != device:
                 self._materialised = self.matrix(device)
@@ -191,10 +193,10 @@ class SparseJLProjector(Projector):
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
         self._check_input(grads)
-        device = self.device or grads.device
+        grads = grads.to(device=self.device or grads.device, dtype=self.dtype)
+        device = grads.device  # a tensor device ("cuda:0"), as in DenseProjector
         if self.output_indices.device != device:
             self.output_indices, self.weights = self.output_indices.to(device), self.weights.to(device)
-        grads = grads.to(device=device, dtype=self.dtype)
         batch = grads.shape[0]
         out = torch.zeros(batch, self.dim, dtype=self.dtype, device=device)
         for start in range(0, self.num_params, self.chunk_rows):

@@ -270,7 +270,11 @@ class StableDiffusionLoRAModule(DiffusionModule):
     def on_fit_start(self) -> None:
         if self.device.type != "cuda" or self.frozen_dtype == "float32":
             return
-        dtype = _DTYPES[self.frozen_dtype]
+        self.cast_frozen_weights(_DTYPES[self.frozen_dtype])
+
+    def cast_frozen_weights(self, dtype: torch.dtype) -> None:
+        """Every weight of the UNet, VAE and text encoder but the adapters to ``dtype`` (on_fit_start does it on
+        a GPU; tests and benchmarks call it on any device)."""
         trainable = {id(parameter) for parameter in self.trainable_parameters()}
         for module in (self.unet, self.vae, self.text_encoder):
             for parameter in module.parameters():
