@@ -197,7 +197,8 @@ def log_images_to_wandb(
 
 
 def log_table(logger_or_run: Any, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> bool:
-    """Log a table (e.g. one row per query with its top proponents); returns whether anything was logged."""
+    """Log a table (e.g. one row per query with its top proponents); PIL images in a row become image cells.
+    Returns whether anything was logged."""
     run = _active_run(logger_or_run)
     if run is None:
         return False
@@ -205,5 +206,9 @@ def log_table(logger_or_run: Any, key: str, columns: Sequence[str], rows: Sequen
         import wandb
     except ImportError:
         return False
-    run.log({key: wandb.Table(columns=list(columns), data=[list(row) for row in rows])})
+
+    def cell(value: Any) -> Any:
+        return wandb.Image(value) if isinstance(value, Image.Image) else value
+
+    run.log({key: wandb.Table(columns=list(columns), data=[[cell(value) for value in row] for row in rows])})
     return True

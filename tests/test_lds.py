@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from scipy.stats import spearmanr
 from torchmetrics.functional import spearman_corrcoef
 
@@ -193,8 +194,16 @@ def test_method_without_lambda_and_outputs(tmp_path) -> None:
     table = markdown_table(records, [difference])
     assert f"{records[2].lds:.2f} [{records[2].ci_low:.2f}, {records[2].ci_high:.2f}]" in table
     assert f"{difference.diff:.2f}" in table
-    plot_lds_vs_lambda({"trak": lds_by_lambda(scores_by_lambda, masks, losses)}, tmp_path / "curve.png")
+    curve = {"trak": lds_by_lambda(scores_by_lambda, masks, losses)}
+    plot_lds_vs_lambda(curve, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the held-out selection is drawn on top: marking it changes the picture, marking another c changes it again
+    plot_lds_vs_lambda(curve, tmp_path / "marked.png", {"trak": 0.1})
+    plot_lds_vs_lambda(curve, tmp_path / "other.png", {"trak": 10.0})
+    pictures = [
+        np.asarray(Image.open(tmp_path / f"{n}.png").convert("L")) for n in ("curve", "marked", "other")
+    ]
+    assert (pictures[0] != pictures[1]).any() and (pictures[1] != pictures[2]).any()
 
 
 def test_fast_bootstrap_equals_recomputing_lds_on_each_resample() -> None:

@@ -125,7 +125,9 @@ def test_wandb_helpers_are_inert_without_a_run_and_log_to_a_given_run(monkeypatc
     run = RecordingRun()
     assert log_images_to_wandb(run, "grid", image) is True
     assert log_table(run, "topk", ["query", "top"], [[0, "1 2"]]) is True
+    assert log_table(run, "rows", ["query", "image"], [["q0", image]]) is True  # an image cell
     assert run.logged == [
         {"grid": ("image", image.size, None)},
         {"topk": ("table", ["query", "top"], [[0, "1 2"]])},
+        {"rows": ("table", ["query", "image"], [["q0", ("image", image.size, None)]])},
     ]

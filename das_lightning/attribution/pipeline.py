@@ -33,7 +33,7 @@ from das_lightning.file_queries import FileQueryDataset
 from das_lightning.lambdas import ChosenScale, choose_scale
 from das_lightning.manifest import atomic_write_text, hash_array, hash_file, read_manifest, write_manifest
 from das_lightning.report import write_report
-from das_lightning.viz import attribution_grid, log_images_to_wandb, log_table
+from das_lightning.viz import attribution_grid, image_grid, log_images_to_wandb, log_table
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def attribute(
         folders[query_set] = folder
         if is_global_zero():
             _write_scores(folder, stacked, lambda_info, chosen[query_set], entry, inputs, queries)
-            _log_pictures(folder, logger, method.name, query_set)
+            _log_pictures(folder, logger, method.name, query_set, queries, inputs.train_set)
     return AttributionResult(method.name, folders, chosen)
 
 
@@ -204,7 +204,11 @@ def _query_names(queries: ImageDataset) -> list[str]:
     return [f"query {i}" for i in range(len(queries))]
 
 
-def _log_pictures(folder: Path, logger: Any, method: str, query_set: str) -> None:
+def _log_pictures(
+    folder: Path, logger: Any, method: str, query_set: str, queries: ImageDataset, train_set: ImageDataset
+) -> None:
+    """The grid, and a W&B table of one row per query: its image, then its top-5 proponents and opponents as
+    image strips with their indices (first 100 queries). Nothing is logged without an active W&B run."""
     with Image.open(folder / "grid.png") as grid:
         log_images_to_wandb(
             logger,
@@ -213,12 +217,22 @@ def _log_pictures(folder: Path, logger: Any, method: str, query_set: str) -> Non
             caption="each row: query | top proponents | top opponents",
         )
     top = json.loads((folder / "topk.json").read_text())
-    rows = [
-        [q, json.dumps(p[:5]), json.dumps(o[:5])]
-        for q, (p, o) in enumerate(zip(top["proponent_indices"], top["opponent_indices"], strict=True))
-    ]
+    names = _query_names(queries)
+
+    def strip(indices: list[int]) -> Image.Image:
+        return image_grid(torch.stack([train_set[int(i)]["image"] for i in indices]), nrow=len(indices))
+
+    rows = []
+    for q, (p, o) in enumerate(
+        zip(top["proponent_indices"][:100], top["opponent_indices"][:100], strict=True)
+    ):
+        query = image_grid(queries[q]["image"][None], nrow=1)
+        rows.append([names[q], query, strip(p[:5]), json.dumps(p[:5]), strip(o[:5]), json.dumps(o[:5])])
     log_table(
-        logger, f"attribution/{method}/{query_set}/topk", ["query", "proponents", "opponents"], rows[:100]
+        logger,
+        f"attribution/{method}/{query_set}/topk",
+        ["query", "image", "proponents", "proponent indices", "opponents", "opponent indices"],
+        rows,
     )
 
 

@@ -610,9 +610,13 @@ def markdown_table(records: Sequence[LDSRecord], differences: Sequence[PairedDif
     return "\n".join(lines) + "\n"
 
 
-def plot_lds_vs_lambda(curves: Mapping[str, Mapping[float, float]], path: Path) -> None:
+def plot_lds_vs_lambda(
+    curves: Mapping[str, Mapping[float, float]], path: Path, selected: Mapping[str, float] | None = None
+) -> None:
     """PNG of LDS against lambda (log x axis), one line per method. ``curves`` are fractions as returned by
-    :func:`lds_by_lambda`; the plot shows percent. Entries with lambda None are skipped."""
+    :func:`lds_by_lambda`; the plot shows percent. Entries with lambda None are skipped. ``selected`` (method -> c,
+    the held-out selection) is marked with a star on its curve; dotted lines mark the grid's first and last c, so a
+    selection on an edge shows as a star on a dotted line."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on compute nodes
@@ -620,17 +624,34 @@ def plot_lds_vs_lambda(curves: Mapping[str, Mapping[float, float]], path: Path) 
 
     figure, axis = plt.subplots(figsize=(6, 4))
     try:
+        edges: set[float] = set()
         for method, curve in curves.items():
             points = sorted((lambda_, lds) for lambda_, lds in curve.items() if lambda_ is not None)
             if not points:
                 continue
             lambdas, values = zip(*points, strict=True)
-            axis.plot(lambdas, [_percent(value) for value in values], marker="o", label=method)
+            edges.update((lambdas[0], lambdas[-1]))
+            (line,) = axis.plot(
+                lambdas, [_percent(value) for value in values], marker="o", markersize=3, label=method
+            )
+            chosen = (selected or {}).get(method)
+            if chosen is not None and chosen in curve:
+                axis.plot(
+                    [chosen],
+                    [_percent(curve[chosen])],
+                    marker="*",
+                    markersize=14,
+                    color=line.get_color(),
+                    markeredgecolor="black",
+                    linestyle="none",
+                )
+        for edge in sorted(edges):
+            axis.axvline(edge, color="grey", linestyle=":", linewidth=1)
         axis.set_xscale("log")
-        axis.set_xlabel("c = lambda / (trace(K) / N)")
+        axis.set_xlabel("c = lambda / (trace(K) / N)   (star: held-out selection; dotted: grid edges)")
         axis.set_ylabel("LDS (%)")
         axis.grid(True, alpha=0.3)
-        axis.legend()
+        axis.legend(fontsize=7)
         figure.tight_layout()
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, dpi=120)

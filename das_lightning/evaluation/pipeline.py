@@ -323,7 +323,12 @@ def evaluate(
     )
     (out / "lds.md").write_text(table + "\n")
     for name, by_method in curves.items():
-        plot_lds_vs_lambda(by_method, out / f"lds_vs_lambda_{name}.png")
+        selected = {
+            r.method: r.lambda_
+            for r in records
+            if r.query_set == name and r.lambda_selection == "heldout" and r.lambda_ is not None
+        }
+        plot_lds_vs_lambda(by_method, out / f"lds_vs_lambda_{name}.png", selected)
     _log(logger, records, out, curves)
     return LDSReport(records, differences, curves, table)
 
