@@ -14,11 +14,11 @@ from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
-from das_lightning.attribution.store import CorruptStoreError
+from das_lightning.attribution.store import StoreBusyError
 from das_lightning.data import DatasetNotFoundError, build_dataset
 from das_lightning.distributed import is_global_zero
 from das_lightning.loggers import LoggerSettings
-from das_lightning.manifest import ManifestMismatchError
+from das_lightning.manifest import CorruptArtifactError, ManifestMismatchError
 from das_lightning.models.ddpm import OptimizerSettings
 from das_lightning.models.sampling import SamplerSettings
 from das_lightning.paths import RunPaths
@@ -39,7 +39,8 @@ USER_ERRORS = (
     ManifestMismatchError,
     FileNotFoundError,
     ValueError,
-    CorruptStoreError,
+    CorruptArtifactError,  # includes damaged feature stores
+    StoreBusyError,
     CorruptCheckpointError,
     FloatingPointError,
 )
