@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,6 +76,27 @@ def atomic_path(path: Path) -> Iterator[Path]:
         _fsync_path(path.parent)  # the rename itself survives a power cut
     except OSError:  # some file systems cannot fsync a folder
         pass
+
+
+@contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """A staging folder beside ``path`` to fill (e.g. ``save_pretrained``); on success its files are flushed and
+    it replaces ``path`` by one rename, on failure it is removed: no reader sees a half-written folder."""
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        for item in staging.rglob("*"):
+            if item.is_file():
+                _fsync_path(item)
+        if path.exists():  # replaced wholesale (os.replace cannot rename over a folder that has files)
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ from das_lightning.distributed import is_global_zero
 from das_lightning.loggers import LoggerSettings, build_logger, finish_logger
 from das_lightning.manifest import (
     CorruptArtifactError,
+    atomic_folder,
     atomic_save,
     atomic_write_text,
     check_or_write_manifest,
@@ -340,30 +339,14 @@ def _fit(
 def save_finished_model(unet_dir: Path, save: Callable[[str], None], step: int) -> None:
     """Write the trained model into a staging folder, seal it (``DONE``: the size and checksum of every file),
     then rename it to ``unet_dir``: a kill at any moment leaves no model folder or a whole, sealed one."""
-    unet_dir = Path(unet_dir)
-    staging = unet_dir.with_name(f".{unet_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    save(str(staging))
-    files = {
-        path.relative_to(staging).as_posix(): file_record(path)
-        for path in sorted(staging.rglob("*"))
-        if path.is_file()
-    }
-    atomic_write_text(staging / DONE_MARKER, json.dumps({"step": int(step), "files": files}, indent=2))
-    for path in staging.rglob("*"):
-        if path.is_file():
-            _fsync(path)
-    if unet_dir.exists():  # an unsealed folder (an older version wrote the weights in place)
-        shutil.rmtree(unet_dir)
-    os.replace(staging, unet_dir)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with atomic_folder(unet_dir) as staging:
+        save(str(staging))
+        files = {
+            path.relative_to(staging).as_posix(): file_record(path)
+            for path in sorted(staging.rglob("*"))
+            if path.is_file()
+        }
+        atomic_write_text(staging / DONE_MARKER, json.dumps({"step": int(step), "files": files}, indent=2))
 
 
 def retrain_remedy(paths: RunPaths) -> str:
