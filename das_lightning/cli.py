@@ -4,6 +4,7 @@ Entry points call these; each returns plain dataclasses or objects."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -46,6 +47,10 @@ USER_ERRORS = (
 )
 
 
+# a full disk, a full quota, a file-size limit: the user's to fix, not a bug
+NO_ROOM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
 def to_plain(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
@@ -61,6 +66,17 @@ def user_errors_exit(main: Callable[..., T]) -> Callable[..., T]:
             if os.environ.get("DAS_DEBUG"):
                 raise
             print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        except OSError as error:
+            if error.errno not in NO_ROOM_ERRNOS or os.environ.get("DAS_DEBUG"):
+                raise
+            # every file is written to a temporary name and renamed: nothing half-written was left in place
+            where = f" writing {error.filename}" if error.filename else ""
+            print(
+                f"error: no room{where} ({error.strerror}): free disk space (or raise the file-size limit) and "
+                "rerun the same command; finished work is kept and reused",
+                file=sys.stderr,
+            )
             sys.exit(2)
 
     return wrapper

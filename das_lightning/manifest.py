@@ -12,9 +12,11 @@ file in place always has a record. :func:`verified_file` checks a file against i
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import resource
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -58,6 +60,21 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def no_room(path: Path) -> tuple[int, str] | None:
+    """(errno, reason) when a write to ``path`` has run out of room: the process's file-size limit
+    (``RLIMIT_FSIZE``) reached, or less than 1 MiB left on its disk; None otherwise."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and path.exists() and path.stat().st_size >= limit:
+        return errno.EFBIG, f"File too large: the file-size limit of {limit} bytes was reached"
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return None
+    if free < 1 << 20:
+        return errno.ENOSPC, f"No space left on device: {free} bytes free"
+    return None
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path`` (same suffix, so PIL and matplotlib infer the format) to write to; on
@@ -69,6 +86,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp
         _fsync_path(tmp)
         os.replace(tmp, path)
+    except Exception as error:
+        reason = no_room(tmp)
+        tmp.unlink(missing_ok=True)
+        if reason is not None:  # writers report a short write in their own words (numpy, safetensors, PIL)
+            raise OSError(reason[0], reason[1], str(path)) from error
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

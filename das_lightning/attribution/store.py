@@ -17,6 +17,7 @@ interrupted creation, which are overwritten.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import io
@@ -322,3 +323,13 @@ def _create_files(folder: Path, num_rows: int, dim: int, dtype: str) -> None:
         array = np.lib.format.open_memmap(folder / name, mode="w+", dtype=kind, shape=shape)
         array.flush()
         del array
+        # reserve the blocks now: on a full disk this fails here with ENOSPC, where a write into a sparse
+        # memory map later would kill the process with SIGBUS
+        fd = os.open(folder / name, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        finally:
+            os.close(fd)
