@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -442,3 +443,29 @@ def test_attribute_killed_at_any_moment_resumes_to_the_same_result(das_root: Pat
         process.wait()
     run_entry("attribute.py", *command[2:], cwd=root)
     _assert_uninterrupted(root, das_root)
+
+
+# -- small ones -----------------------------------------------------------------------------------------------
+def test_a_diverged_loss_names_settings_that_exist() -> None:
+    from das_lightning.models.ddpm import DiffusionModule, OptimizerSettings
+    from das_lightning.models.unet import build_unet
+
+    unet = build_unet("tiny", 8, 1)
+    with torch.no_grad():
+        next(unet.parameters()).fill_(float("nan"))
+    module = DiffusionModule(unet, OptimizerSettings(), seed=0)
+    batch = {"image": torch.zeros(2, 1, 8, 8), "index": torch.arange(2), "label": torch.zeros(2).long()}
+    with pytest.raises(FloatingPointError, match="train.optimizer.lr=.*trainer.precision=32-true") as error:
+        module.training_step(batch, 0)
+    suggested = re.findall(r"\(([\w.]+=[\w.-]*)", str(error.value))
+    assert [s.split("=")[0] for s in suggested] == ["train.optimizer.lr", "trainer.precision"]
+    config = compose("train", ["train.optimizer.lr=1e-5", "trainer.precision=32-true"])  # both keys exist
+    assert config.train.optimizer.lr == 1e-5 and config.trainer.precision == "32-true"
+
+
+def test_more_val_queries_than_the_test_split_is_refused(das_root: Path, tmp_path: Path, capsys) -> None:
+    root = _fresh(das_root, tmp_path, with_features=False)
+    code, lines = _command(
+        cli.run_attribute, "attribute", root, [*ATTRIBUTE_VAL, "queries.num_val=5000"], capsys
+    )
+    _one_error(code, lines, "queries.num_val=5000", "holds 2000 images", "between 1 and 2000")

@@ -23,6 +23,11 @@ from das_lightning.seeding import derive_seed
 if TYPE_CHECKING:
     from das_lightning.data import ImageDataset
 
+# what to change when training diverges (overrides of train.py; tests check that they compose)
+NAN_LOSS_ADVICE = (
+    "lower the learning rate (train.optimizer.lr=...) or train in full precision (trainer.precision=32-true)"
+)
+
 # In a trained-model folder: names the function that loads it, for models that are not a plain UNet2DModel
 TRAINED_LOADER_FILE = "das_loader.json"
 
@@ -134,7 +139,7 @@ class DiffusionModule(L.LightningModule):
         loss = self.diffusion_loss(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"training loss is {loss.item()} at step {self.global_step}; lower train.lr or use precision=32"
+                f"training loss is {loss.item()} at step {self.global_step}; {NAN_LOSS_ADVICE}"
             )
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
