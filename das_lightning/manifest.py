@@ -209,9 +209,9 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     path = Path(folder) / MANIFEST_NAME
     if not path.exists():
         return None
-    manifest = read_json(path, f"delete the folder {Path(folder)} and rerun the stage that made it")
+    manifest = read_json(path, f"delete {Path(folder)} and rerun the stage that made it")
     if not isinstance(manifest, dict):
-        raise CorruptArtifactError(f"{path} is damaged (not a JSON object): delete the folder {Path(folder)}")
+        raise CorruptArtifactError(f"{path} is damaged (not a JSON object): delete {Path(folder)}")
     return manifest
 
 

@@ -469,3 +469,12 @@ def test_more_val_queries_than_the_test_split_is_refused(das_root: Path, tmp_pat
         cli.run_attribute, "attribute", root, [*ATTRIBUTE_VAL, "queries.num_val=5000"], capsys
     )
     _one_error(code, lines, "queries.num_val=5000", "holds 2000 images", "between 1 and 2000")
+
+
+def test_a_damaged_lds_json_is_refused_not_ignored(tmp_path: Path) -> None:
+    from das_lightning.lambdas import choose_scale
+    from das_lightning.manifest import CorruptArtifactError
+
+    (tmp_path / "lds.json").write_text('{"version": 2, "records": [{"method": "das"')
+    with pytest.raises(CorruptArtifactError, match="lds.json is damaged.*evaluate_lds.py"):
+        choose_scale(tmp_path / "lds.json", "das", "val", 0.1)
