@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from das_lightning.manifest import atomic_folder, atomic_write_bytes, atomic_write_text
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
@@ -84,7 +86,7 @@ def _query_source(queries: Any, root: Path) -> Path:
         listing = "\n".join(str(Path(item).resolve()) for item in items) + "\n"
         folder = root / "api_queries" / hashlib.sha256(listing.encode()).hexdigest()[:16]
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "files.txt").write_text(listing)
+        atomic_write_text(folder / "files.txt", listing)
         return folder / "files.txt"
     encoded = [_to_png_bytes(item) for item in items]
     folder = root / "api_queries" / hashlib.sha256(b"".join(encoded)).hexdigest()[:16]
@@ -92,7 +94,7 @@ def _query_source(queries: Any, root: Path) -> Path:
     for position, data in enumerate(encoded):
         target = folder / f"query{position:05d}.png"
         if not target.exists():
-            target.write_bytes(data)
+            atomic_write_bytes(target, data)
     return folder
 
 
@@ -105,7 +107,8 @@ def _model_folder(model: Any, root: Path) -> Path:
         digest = hashlib.sha256(save({k: v.contiguous() for k, v in model.state_dict().items()})).hexdigest()
         folder = root / "api_models" / digest[:16]
         if not (folder / "config.json").exists():
-            model.save_pretrained(str(folder), safe_serialization=True)
+            with atomic_folder(folder) as staging:
+                model.save_pretrained(str(staging), safe_serialization=True)
         return folder
     raise TypeError(f"model must be a folder or a diffusers UNet2DModel, not {type(model).__name__}")
 

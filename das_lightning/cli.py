@@ -4,6 +4,7 @@ Entry points call these; each returns plain dataclasses or objects."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -14,11 +15,11 @@ from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
-from das_lightning.attribution.store import CorruptStoreError
+from das_lightning.attribution.store import StoreBusyError
 from das_lightning.data import DatasetNotFoundError, build_dataset
 from das_lightning.distributed import is_global_zero
 from das_lightning.loggers import LoggerSettings
-from das_lightning.manifest import ManifestMismatchError
+from das_lightning.manifest import CorruptArtifactError, ManifestMismatchError
 from das_lightning.models.ddpm import OptimizerSettings
 from das_lightning.models.sampling import SamplerSettings
 from das_lightning.paths import RunPaths
@@ -39,10 +40,15 @@ USER_ERRORS = (
     ManifestMismatchError,
     FileNotFoundError,
     ValueError,
-    CorruptStoreError,
+    CorruptArtifactError,  # includes damaged feature stores
+    StoreBusyError,
     CorruptCheckpointError,
     FloatingPointError,
 )
+
+
+# a full disk, a full quota, a file-size limit: the user's to fix, not a bug
+NO_ROOM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def to_plain(cfg: DictConfig) -> dict[str, Any]:
@@ -60,6 +66,17 @@ def user_errors_exit(main: Callable[..., T]) -> Callable[..., T]:
             if os.environ.get("DAS_DEBUG"):
                 raise
             print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        except OSError as error:
+            if error.errno not in NO_ROOM_ERRNOS or os.environ.get("DAS_DEBUG"):
+                raise
+            # every file is written to a temporary name and renamed: nothing half-written was left in place
+            where = f" writing {error.filename}" if error.filename else ""
+            print(
+                f"error: no room{where} ({error.strerror}): free disk space (or raise the file-size limit) and "
+                "rerun the same command; finished work is kept and reused",
+                file=sys.stderr,
+            )
             sys.exit(2)
 
     return wrapper

@@ -17,12 +17,13 @@ held-out queries when ``lds.json`` has it for that method and query set, else ``
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from das_lightning.manifest import read_json
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,8 @@ def selected_scale(lds_file: Path, method: str, query_set: str) -> float | None:
     path = Path(lds_file)
     if not path.exists():
         return None
-    try:
-        document = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        log.warning("%s is not valid JSON; ignoring its lambda selection", path)
-        return None
+    # written atomically: a file that does not parse was damaged, and ignoring it would change the pictures' c
+    document = read_json(path, "delete it and rerun `python evaluate_lds.py` to select lambda again")
     if document.get("version") != LDS_JSON_VERSION:
         log.warning(
             "%s was written with absolute lambdas (version %s); ignoring it", path, document.get("version")

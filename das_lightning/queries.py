@@ -33,7 +33,12 @@ class QuerySettings:
 
 
 def validation_queries(test_set: ImageDataset, count: int) -> ImageDataset:
-    count = min(count, len(test_set))
+    """``count`` test images, class-stratified; refuses more than the test split holds (never fewer, silently)."""
+    if not 0 < count <= len(test_set):
+        raise ValueError(
+            f"queries.num_val={count} but the test split {test_set.set_name} holds {len(test_set)} images; "
+            f"choose queries.num_val between 1 and {len(test_set)}"
+        )
     rng = np.random.default_rng(derive_seed("val-queries", test_set.set_name, count))
     indices = stratified_sample(test_set.labels, count, rng)
     return test_set.take(indices, f"{test_set.set_name}:q{count}")

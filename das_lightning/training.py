@@ -24,11 +24,18 @@ from das_lightning.data.subsets import lds_subset_indices, save_index_list
 from das_lightning.distributed import is_global_zero
 from das_lightning.loggers import LoggerSettings, build_logger, finish_logger
 from das_lightning.manifest import (
+    CorruptArtifactError,
+    atomic_folder,
+    atomic_save,
     atomic_write_text,
     check_or_write_manifest,
+    commit_file,
+    file_record,
     hash_array,
     hash_file,
     read_manifest,
+    verified_file,
+    verify_file,
 )
 from das_lightning.models.adapters import MeasuredModel, ModelAdapter
 from das_lightning.models.ddpm import DiffusionModule, OptimizerSettings, load_trained_network
@@ -153,7 +160,8 @@ class SnapshotCallback(Callback):
             return
         target = self.folder / f"step{step:07d}"
         target.mkdir(parents=True, exist_ok=True)
-        save_file(pl_module.snapshot_state(), str(target / "diffusion_pytorch_model.safetensors"))
+        state = pl_module.snapshot_state()
+        atomic_save(target / "diffusion_pytorch_model.safetensors", lambda tmp: save_file(state, str(tmp)))
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         atomic_write_text(target / "snapshot.json", json.dumps({"step": step, "lr": lr}))
 
@@ -169,7 +177,7 @@ def training_snapshots(paths: RunPaths) -> list[tuple[Path, float]]:
     ]
 
 
-class CorruptCheckpointError(RuntimeError):
+class CorruptCheckpointError(CorruptArtifactError):
     """A checkpoint that cannot be resumed from (truncated, not a checkpoint, or not weights-only loadable)."""
 
 
@@ -266,6 +274,7 @@ def train_model(
     )
     try:
         if (paths.unet_dir / DONE_MARKER).exists():
+            require_finished(paths)  # a damaged model is named here, not reused
             log.info("model at %s is complete; reusing it", paths.unet_dir)
         else:
             _fit(
@@ -352,17 +361,50 @@ def _fit(
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
     if trainer.is_global_zero:
-        module.save_trained(str(paths.unet_dir))
-        atomic_write_text(paths.unet_dir / DONE_MARKER, f"{trainer.global_step}\n")
+        save_finished_model(paths.unet_dir, module.save_trained, trainer.global_step)
+
+
+def save_finished_model(unet_dir: Path, save: Callable[[str], None], step: int) -> None:
+    """Write the trained model into a staging folder, seal it (``DONE``: the size and checksum of every file),
+    then rename it to ``unet_dir``: a kill at any moment leaves no model folder or a whole, sealed one."""
+    with atomic_folder(unet_dir) as staging:
+        save(str(staging))
+        files = {
+            path.relative_to(staging).as_posix(): file_record(path)
+            for path in sorted(staging.rglob("*"))
+            if path.is_file()
+        }
+        atomic_write_text(staging / DONE_MARKER, json.dumps({"step": int(step), "files": files}, indent=2))
+
+
+def retrain_remedy(paths: RunPaths) -> str:
+    return (
+        f"delete {paths.unet_dir} and rerun `python train.py` with the same settings "
+        f"(subset {paths.tag}, seed {paths.seed}) to retrain it"
+    )
 
 
 def require_finished(paths: RunPaths) -> None:
-    """A clear error naming the folder when the run has no finished model."""
-    if not (paths.unet_dir / DONE_MARKER).exists():
+    """A clear error naming the folder when the run has no finished model, or one naming the file when a file of
+    the finished model is missing, truncated or damaged (its size and checksum were sealed in ``DONE``)."""
+    marker = paths.unet_dir / DONE_MARKER
+    if not marker.exists():
         raise FileNotFoundError(
             f"no finished model at {paths.unet_dir}: train it first with "
             f"`python train.py` (same dataset/model/subset/seed settings)"
         )
+    text = marker.read_text().strip()
+    if (
+        text.isdigit()
+    ):  # sealed by an older version: only the step, no checksums (loading still checks the files)
+        log.warning("%s records no checksums (an older version made it); its files are not verified", marker)
+        return
+    try:
+        sealed = json.loads(text)["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CorruptArtifactError(f"{marker} is damaged ({error}): {retrain_remedy(paths)}") from error
+    for name, record in sealed.items():
+        verify_file(paths.unet_dir / name, record, retrain_remedy(paths))
 
 
 def load_finished(paths: RunPaths, adapter: ModelAdapter) -> MeasuredModel:
@@ -393,17 +435,24 @@ def generate_queries(
     }
     check_or_write_manifest(folder, manifest)
     target = folder / GENERATED_FILE
-    if target.exists():
+    if verified_file(folder, GENERATED_FILE, _regenerate_remedy(paths)) is not None:
         return target
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generated = ddim_sample(
         model.to(device), generation.num_images, generation.sampler, generation.batch_size, device
     )
-    image_grid(generated.images[:64], nrow=8).save(folder / "generated_grid.png")
-    tmp = folder / f"{GENERATED_FILE}.tmp"
-    save_file({"images": generated.images.contiguous(), "labels": generated.labels.contiguous()}, str(tmp))
-    tmp.replace(target)
+    grid = image_grid(generated.images[:64], nrow=8)
+    atomic_save(folder / "generated_grid.png", grid.save)
+    tensors = {"images": generated.images.contiguous(), "labels": generated.labels.contiguous()}
+    commit_file(folder, GENERATED_FILE, lambda tmp: save_file(tensors, str(tmp)))
     return target
+
+
+def _regenerate_remedy(paths: RunPaths) -> str:
+    return (
+        f"delete {paths.queries_dir / GENERATED_FILE} and rerun `python train.py` with the same settings to "
+        "regenerate the queries"
+    )
 
 
 def _generated_manifest(paths: RunPaths) -> dict[str, Any]:
@@ -420,6 +469,7 @@ def _generated_manifest(paths: RunPaths) -> dict[str, Any]:
 def load_generated_queries(paths: RunPaths) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(images in [-1, 1], class labels, class names) of the run's generated queries."""
     class_names = list(_generated_manifest(paths)["class_names"])
+    verified_file(paths.queries_dir, GENERATED_FILE, _regenerate_remedy(paths))
     stored = load_file(str(paths.queries_dir / GENERATED_FILE))
     return stored["images"], stored["labels"], class_names
 

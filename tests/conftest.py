@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,28 @@ def trained_root(tmp_path_factory) -> Path:
     """A tiny full model with generated queries, trained once per session by train.py."""
     root = tmp_path_factory.mktemp("trained")
     run_entry("train.py", f"paths.root={root}", *TINY_TRAIN, cwd=root)
+    return root
+
+
+RUN = Path("fashion2") / "tiny" / "full" / "seed0"
+
+
+def copy_model(trained_root: Path, target: Path) -> Path:
+    """A fresh copy of the trained model (no features or scores), so each test starts from the same state."""
+    for part in ("unet", "queries"):
+        shutil.copytree(trained_root / RUN / part, target / RUN / part)
+    for name in ("manifest.json", "subset.json", "config.json"):
+        shutil.copy(trained_root / RUN / name, target / RUN / name)
+    return target
+
+
+@pytest.fixture(scope="session")
+def das_root(trained_root: Path, tmp_path_factory) -> Path:
+    """The tiny model with DAS features and scores for both query sets, made once per session in-process."""
+    from das_lightning import cli
+
+    root = copy_model(trained_root, tmp_path_factory.mktemp("das"))
+    cli.run_attribute(compose("attribute", [f"paths.root={root}", *TINY_ATTRIBUTE]))
     return root
 
 

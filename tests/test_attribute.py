@@ -22,18 +22,7 @@ from das_lightning.models.sampling import SamplerSettings
 from das_lightning.paths import RunPaths
 from das_lightning.training import GenerationSettings, generate_queries
 
-from conftest import REPO, TINY_ATTRIBUTE, compose, entry_env, run_entry
-
-RUN = Path("fashion2") / "tiny" / "full" / "seed0"
-
-
-def _copy_model(trained_root: Path, target: Path) -> Path:
-    """A fresh copy of the trained model (no features or scores), so each test starts from the same state."""
-    for part in ("unet", "queries"):
-        shutil.copytree(trained_root / RUN / part, target / RUN / part)
-    for name in ("manifest.json", "subset.json", "config.json"):
-        shutil.copy(trained_root / RUN / name, target / RUN / name)
-    return target
+from conftest import REPO, RUN, TINY_ATTRIBUTE, compose, copy_model, entry_env, run_entry
 
 
 def _tiny(method: str | None = None) -> list[str]:
@@ -46,13 +35,6 @@ def _tiny(method: str | None = None) -> list[str]:
 def _attribute(root: Path, *overrides: str):
     method = next((o.split("=", 1)[1] for o in overrides if o.startswith("method=")), None)
     return cli.run_attribute(compose("attribute", [f"paths.root={root}", *_tiny(method), *overrides]))
-
-
-@pytest.fixture(scope="module")
-def das_root(trained_root: Path, tmp_path_factory) -> Path:
-    root = _copy_model(trained_root, tmp_path_factory.mktemp("das"))
-    _attribute(root)
-    return root
 
 
 def test_das_writes_complete_stores_scores_and_grids(das_root: Path) -> None:
@@ -75,7 +57,7 @@ def test_das_writes_complete_stores_scores_and_grids(das_root: Path) -> None:
 
 
 def test_features_do_not_depend_on_batch_size(das_root: Path, tmp_path: Path) -> None:
-    root = _copy_model(das_root, tmp_path)
+    root = copy_model(das_root, tmp_path)
     _attribute(root, "method.features.batch_size=5")
     for name in ("train", "val"):
         np.testing.assert_allclose(
@@ -100,7 +82,7 @@ def test_changed_projector_seed_is_refused_with_the_key_named(das_root: Path) ->
 
 
 def test_two_process_ddp_features_equal_one_process(das_root: Path, tmp_path: Path) -> None:
-    root = _copy_model(das_root, tmp_path)
+    root = copy_model(das_root, tmp_path)
     result = run_entry(
         "attribute.py",
         f"paths.root={root}",
@@ -130,7 +112,7 @@ def test_two_process_ddp_features_equal_one_process(das_root: Path, tmp_path: Pa
 
 
 def test_killed_run_resumes_to_the_same_features(das_root: Path, tmp_path: Path) -> None:
-    root = _copy_model(das_root, tmp_path)
+    root = copy_model(das_root, tmp_path)
     command = [
         sys.executable,
         str(REPO / "attribute.py"),
@@ -226,7 +208,7 @@ def test_candidate_screening_scores_only_the_nearest_images(das_root: Path) -> N
 
 def test_features_of_replaced_generated_queries_are_refused(das_root: Path, tmp_path: Path) -> None:
     # generated queries regenerated with other settings keep their set name; their file hash tells them apart
-    root = _copy_model(das_root, tmp_path)
+    root = copy_model(das_root, tmp_path)
     shutil.copytree(das_root / RUN / "features", root / RUN / "features")
     shutil.rmtree(root / RUN / "queries")
     paths = RunPaths(root, "fashion2", "tiny", "full", 0)
@@ -238,7 +220,7 @@ def test_features_of_replaced_generated_queries_are_refused(das_root: Path, tmp_
 
 @pytest.mark.parametrize("method", ["das_exact", "das_magnitude"])
 def test_residual_variants_run_end_to_end(das_root: Path, tmp_path: Path, method: str) -> None:
-    root = _copy_model(das_root, tmp_path)
+    root = copy_model(das_root, tmp_path)
     shutil.copytree(das_root / RUN / "features", root / RUN / "features")
     _attribute(root, f"method={method}", "queries.sets=[val]")
     scores, manifest = load_scores(root / RUN / "scores" / method / "val")
@@ -255,7 +237,7 @@ def test_residual_variants_run_end_to_end(das_root: Path, tmp_path: Path, method
 
 
 def test_bad_method_settings_are_refused_before_any_feature(das_root: Path, tmp_path: Path) -> None:
-    root = _copy_model(das_root, tmp_path)
+    root = copy_model(das_root, tmp_path)
     for override, message in (
         ("method.residual=sideways", "method.residual"),
         ("method.screen_by=nope", "method.screen_by"),

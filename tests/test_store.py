@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ def test_truncated_store_is_reported_as_corrupt(tmp_path: Path) -> None:
     FeatureStore.open(tmp_path / "s", 6, 4, MANIFEST)
     path = tmp_path / "s" / "features.npy"
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(CorruptStoreError, match="delete the folder"):
+    with pytest.raises(CorruptStoreError, match="features.npy holds 100 bytes.*delete"):
         FeatureStore.open(tmp_path / "s", 6, 4, MANIFEST)
 
 
@@ -69,3 +70,54 @@ def test_read_only_open_checks_expected_keys(tmp_path: Path) -> None:
         FeatureStore.open_existing(tmp_path / "s", {"checkpoint": "zzz"})
     with pytest.raises(FileNotFoundError, match="attribute.py"):
         FeatureStore.open_existing(tmp_path / "missing")
+
+
+def _finished_store(folder: Path, rows: int = 300, dim: int = 8) -> np.ndarray:
+    store = FeatureStore.open(folder, rows, dim, MANIFEST)
+    values = np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float32)
+    store.write(np.arange(rows), values)
+    return values
+
+
+def test_manifest_records_each_files_size_shape_and_dtype(tmp_path: Path) -> None:
+    _finished_store(tmp_path / "s")
+    layout = json.loads((tmp_path / "s" / "manifest.json").read_text())["layout"]
+    for name, record in layout.items():
+        array = np.load(tmp_path / "s" / name, mmap_mode="r")
+        assert record["bytes"] == (tmp_path / "s" / name).stat().st_size
+        assert record["shape"] == list(array.shape) and record["dtype"] == array.dtype.name
+
+
+def test_finished_store_cut_to_1000_bytes_is_refused_and_never_grown(tmp_path: Path) -> None:
+    # numpy's r+ memmap zero-extends a short file: the size must be checked before mapping
+    _finished_store(tmp_path / "s")
+    path = tmp_path / "s" / "features.npy"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CorruptStoreError, match=r"features.npy holds 1000 bytes.*delete .* rerun"):
+        FeatureStore.open(tmp_path / "s", 300, 8, MANIFEST)
+    with pytest.raises(CorruptStoreError, match="features.npy holds 1000 bytes"):
+        FeatureStore.open_existing(tmp_path / "s")
+    assert path.stat().st_size == 1000
+
+
+def test_damaged_finished_rows_are_refused_by_their_checksums(tmp_path: Path) -> None:
+    values = _finished_store(tmp_path / "s")
+    path = tmp_path / "s" / "features.npy"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10  # one bit of the last row
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptStoreError, match=r"1 finished rows \(first: \[299\]\)"):
+        FeatureStore.open(tmp_path / "s", 300, 8, MANIFEST)
+    data[-5] ^= 0x10
+    path.write_bytes(bytes(data))
+    np.testing.assert_array_equal(FeatureStore.open_existing(tmp_path / "s").features, values)
+
+
+def test_a_row_marked_done_that_was_never_written_is_refused(tmp_path: Path) -> None:
+    FeatureStore.open(tmp_path / "s", 3, 4, MANIFEST)
+    done = np.load(tmp_path / "s" / "done.npy", mmap_mode="r+")
+    done[1] = 1  # a flipped bit in the done map: the zero row has no valid checksum
+    done.flush()
+    del done
+    with pytest.raises(CorruptStoreError, match=r"first: \[1\]"):
+        FeatureStore.open(tmp_path / "s", 3, 4, MANIFEST)

@@ -242,7 +242,8 @@ def test_two_process_ddp_training_writes_one_model(tmp_path: Path) -> None:
     )
     run = tmp_path / "fashion2" / "tiny" / "full" / "seed0"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
-    assert (run / "unet" / "DONE").read_text().strip() == "3"
+    sealed = json.loads((run / "unet" / "DONE").read_text())
+    assert sealed["step"] == 3 and "diffusion_pytorch_model.safetensors" in sealed["files"]
 
 
 def test_wandb_logs_offline_into_the_run_folder(tmp_path: Path) -> None:

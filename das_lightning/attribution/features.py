@@ -16,7 +16,7 @@ from das_lightning import __version__
 from das_lightning.attribution.collector import ProjectedGradientCollector, ShardedPredictModule
 from das_lightning.attribution.grads import PerSampleGradients
 from das_lightning.attribution.projectors import build_projector
-from das_lightning.attribution.store import FeatureStore
+from das_lightning.attribution.store import FeatureStore, exclusive_writer
 from das_lightning.attribution.timesteps import select_timesteps
 from das_lightning.data import ImageDataset, content_entry
 from das_lightning.diffusion import NUM_TRAIN_TIMESTEPS
@@ -165,29 +165,30 @@ def collect_features(
     target = "cuda" if device.accelerator in {"gpu", "cuda"} and torch.cuda.is_available() else "cpu"
     projector = make_projector(settings, gradients.num_parameters, target)
     manifest = feature_manifest(checkpoint_id, dataset, settings, gradients, projector)
-    store = FeatureStore.open(folder, len(dataset), projector.dim, manifest, dtype=settings.dtype)
-    pending = store.pending_indices()
-    if pending.size == 0:
-        log.info("features at %s are complete; reusing them", folder)
-        return store
-    log.info("collecting %d of %d rows into %s", pending.size, len(dataset), folder)
-    module = ShardedPredictModule(unet, dataset, pending, settings.batch_size, settings.num_workers)
-    collector = ProjectedGradientCollector(store, gradients, projector, dataset.set_name, extra_inputs)
-    trainer = L.Trainer(
-        accelerator=device.accelerator,
-        devices=device.devices,
-        strategy=device.strategy,
-        num_nodes=device.num_nodes,
-        inference_mode=False,  # gradients are the point
-        use_distributed_sampler=False,  # the module shards the pending rows itself, without padding
-        logger=logger if logger is not None else False,
-        callbacks=[collector],
-        enable_progress_bar=device.enable_progress_bar,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    trainer.predict(module, return_predictions=False)
-    if trainer.world_size > 1:
-        trainer.strategy.barrier()
+    with exclusive_writer(folder):  # a second run on this store stops here instead of writing beside this one
+        store = FeatureStore.open(folder, len(dataset), projector.dim, manifest, dtype=settings.dtype)
+        pending = store.pending_indices()
+        if pending.size == 0:
+            log.info("features at %s are complete; reusing them", folder)
+            return store
+        log.info("collecting %d of %d rows into %s", pending.size, len(dataset), folder)
+        module = ShardedPredictModule(unet, dataset, pending, settings.batch_size, settings.num_workers)
+        collector = ProjectedGradientCollector(store, gradients, projector, dataset.set_name, extra_inputs)
+        trainer = L.Trainer(
+            accelerator=device.accelerator,
+            devices=device.devices,
+            strategy=device.strategy,
+            num_nodes=device.num_nodes,
+            inference_mode=False,  # gradients are the point
+            use_distributed_sampler=False,  # the module shards the pending rows itself, without padding
+            logger=logger if logger is not None else False,
+            callbacks=[collector],
+            enable_progress_bar=device.enable_progress_bar,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
+        trainer.predict(module, return_predictions=False)
+        if trainer.world_size > 1:
+            trainer.strategy.barrier()
     log.info("features: %.1f sample-timesteps/s on rank %d", collector.throughput, trainer.global_rank)
     return store

@@ -31,7 +31,17 @@ from das_lightning.data import ImageDataset, content_entry
 from das_lightning.distributed import is_global_zero
 from das_lightning.file_queries import FileQueryDataset
 from das_lightning.lambdas import ChosenScale, choose_scale
-from das_lightning.manifest import atomic_write_text, hash_array, hash_file, read_manifest, write_manifest
+from das_lightning.manifest import (
+    FILES_KEY,
+    atomic_save,
+    atomic_write_text,
+    file_record,
+    hash_array,
+    hash_file,
+    read_manifest,
+    verify_file,
+    write_manifest,
+)
 from das_lightning.report import write_report
 from das_lightning.viz import attribution_grid, image_grid, log_images_to_wandb, log_table
 
@@ -146,10 +156,7 @@ def _write_scores(
     picture = None if chosen is None else chosen.describe(lambda_info["lambda_unit"])
     folder.mkdir(parents=True, exist_ok=True)
     write_manifest(folder, {**manifest, "picture": picture, "complete": False})
-    tmp = folder / f"{SCORES_FILE}.tmp"
-    with open(tmp, "wb") as handle:
-        np.save(handle, stacked)
-    tmp.replace(folder / SCORES_FILE)
+    atomic_save(folder / SCORES_FILE, lambda tmp: np.save(tmp, stacked))
     top = scoring.topk(scores_at(stacked, manifest, None if chosen is None else chosen.scale), method.top_k)
     names = {"query_names": queries.file_names} if isinstance(queries, FileQueryDataset) else {}
     atomic_write_text(folder / "topk.json", json.dumps({"picture": picture, **names, **top}))
@@ -174,7 +181,7 @@ def _write_scores(
         query_captions=query_names[:shown],
         train_caption=train_caption,
     )
-    grid.save(folder / "grid.png")
+    atomic_save(folder / "grid.png", grid.save)
     write_report(
         folder / "index.html",
         f"{method.name}: {queries.set_name}",
@@ -187,7 +194,8 @@ def _write_scores(
         top,
         shown=method.top_k,
     )
-    write_manifest(folder, {**manifest, "picture": picture, "complete": True})
+    files = {name: file_record(folder / name) for name in (SCORES_FILE, "topk.json")}
+    write_manifest(folder, {**manifest, "picture": picture, "complete": True, FILES_KEY: files})
 
 
 def _legend(method: MethodSettings, picture: dict[str, Any] | None, inputs: AttributionInputs) -> str:
@@ -241,6 +249,11 @@ def load_scores(folder: Path) -> tuple[np.ndarray, dict[str, Any]]:
     manifest = read_manifest(folder)
     if manifest is None or not manifest.get("complete"):
         raise FileNotFoundError(f"no finished scores at {folder}: run `python attribute.py method=...` first")
+    verify_file(
+        folder / SCORES_FILE,
+        (manifest.get(FILES_KEY) or {}).get(SCORES_FILE),
+        "rerun `python attribute.py` with the same method to recompute the scores",
+    )
     return np.load(folder / SCORES_FILE, mmap_mode="r"), manifest
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from das_lightning.data.base import DatasetNotFoundError
+from das_lightning.manifest import atomic_path
 
 DOWNLOAD_TIMEOUT_S = 30
 
@@ -86,26 +87,27 @@ def download_verified(remote: RemoteFile, folder: Path) -> Path:
     """
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / remote.name
-    partial = folder / f".{remote.name}.part"
     failures = []
     for mirror in remote.mirrors:
         url = mirror.rstrip("/") + "/" + remote.name
         try:
-            with (
-                urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response,
-                open(partial, "wb") as out,
-            ):
-                shutil.copyfileobj(response, out)
-        except OSError as error:
-            failures.append(f"{url}: {error}")
-            continue
-        checksum = file_md5(partial)
-        if checksum == remote.md5:
-            partial.replace(target)
+            with atomic_path(target) as partial:  # renamed into place only when the checksum is right
+                with (
+                    urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response,
+                    open(partial, "wb") as out,
+                ):
+                    shutil.copyfileobj(response, out)
+                checksum = file_md5(partial)
+                if checksum != remote.md5:
+                    raise _WrongChecksum(f"MD5 {checksum}, expected {remote.md5}")
             return target
-        failures.append(f"{url}: MD5 {checksum}, expected {remote.md5}")
-    partial.unlink(missing_ok=True)
+        except (OSError, _WrongChecksum) as error:
+            failures.append(f"{url}: {error}")
     raise OSError("download failed: " + "; ".join(failures))
+
+
+class _WrongChecksum(Exception):
+    """A mirror served a file whose checksum is not the expected one (try the next mirror)."""
 
 
 def extract_members(archive: Path, folder: Path, members: Sequence[str]) -> None:
@@ -118,7 +120,7 @@ def extract_members(archive: Path, folder: Path, members: Sequence[str]) -> None
             source = tar.extractfile(member)
             target = folder / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            with source, open(target, "wb") as out:
+            with atomic_path(target) as partial, source, open(partial, "wb") as out:
                 shutil.copyfileobj(source, out)
 
 

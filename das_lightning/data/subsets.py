@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from das_lightning.manifest import atomic_write_text
+from das_lightning.manifest import atomic_write_text, read_json
 
 SUBSET_BASE_SEED = 42
 
@@ -78,7 +78,7 @@ def save_index_list(
 
 def load_index_record(path: str | Path) -> dict[str, Any]:
     """The whole record written by :func:`save_index_list` (alpha, index, N, size, indices)."""
-    record = json.loads(Path(path).read_text())
+    record = read_json(Path(path), "rerun `python train.py` with the same subset settings to rewrite it")
     if len(record["indices"]) != record["size"]:
         raise ValueError(f"{path}: holds {len(record['indices'])} indices but says size {record['size']}")
     return record

@@ -12,7 +12,6 @@ far more, so the draw is not the bottleneck.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,13 @@ from safetensors.torch import load_file, save_file
 from typing_extensions import override
 
 from das_lightning.diffusion import NUM_TRAIN_TIMESTEPS, as_index_list, query_losses
-from das_lightning.manifest import check_or_write_manifest, hash_array
+from das_lightning.manifest import (
+    atomic_save,
+    check_or_write_manifest,
+    commit_file,
+    hash_array,
+    verified_file,
+)
 
 DEFAULT_E_SEEDS: tuple[int, ...] = (0, 1, 2)
 DEFAULT_TIMESTEPS: tuple[int, ...] = tuple(range(NUM_TRAIN_TIMESTEPS))
@@ -172,9 +177,8 @@ def ground_truth_manifest(
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({key: value.contiguous() for key, value in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    contiguous = {key: value.contiguous() for key, value in tensors.items()}
+    atomic_save(path, lambda tmp: save_file(contiguous, str(tmp)))
 
 
 def cached_query_losses(
@@ -187,8 +191,9 @@ def cached_query_losses(
     """
     cache_dir = Path(cache_dir)
     check_or_write_manifest(cache_dir, manifest)
-    path = cache_dir / LOSSES_FILE
-    if path.exists():
+    remedy = f"delete {cache_dir} and rerun `python evaluate_lds.py` to measure this ground truth again"
+    path = verified_file(cache_dir, LOSSES_FILE, remedy)
+    if path is not None:
         return load_file(path)["loss"]
     losses = compute().detach().cpu().double()
     expected = manifest.get("num_queries")
@@ -196,5 +201,5 @@ def cached_query_losses(
         raise ValueError(
             f"computed losses have shape {tuple(losses.shape)}, manifest says {expected} queries"
         )
-    _atomic_save({"loss": losses}, path)
+    commit_file(cache_dir, LOSSES_FILE, lambda tmp: save_file({"loss": losses.contiguous()}, str(tmp)))
     return losses

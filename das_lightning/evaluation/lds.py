@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from das_lightning.lambdas import LDS_JSON_VERSION, grid_edge
-from das_lightning.manifest import atomic_write_text
+from das_lightning.manifest import atomic_save, atomic_write_text
 from das_lightning.seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -654,6 +654,6 @@ def plot_lds_vs_lambda(
         axis.legend(fontsize=7)
         figure.tight_layout()
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=120)
+        atomic_save(Path(path), lambda tmp: figure.savefig(tmp, dpi=120))
     finally:
         plt.close(figure)

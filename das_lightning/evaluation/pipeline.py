@@ -41,10 +41,17 @@ from das_lightning.evaluation.lds import (
     subset_rows,
     write_lds_json,
 )
-from das_lightning.manifest import ManifestMismatchError, hash_file, read_manifest
+from das_lightning.manifest import (
+    CorruptArtifactError,
+    ManifestMismatchError,
+    atomic_write_text,
+    hash_array,
+    hash_file,
+    read_manifest,
+)
 from das_lightning.models.adapters import ModelAdapter, dataset_extra
 from das_lightning.paths import RunPaths, subset_tag
-from das_lightning.training import DONE_MARKER, SEED_RULE, load_finished
+from das_lightning.training import DONE_MARKER, SEED_RULE, load_finished, require_finished, retrain_remedy
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +103,13 @@ def subset_models(
                     runs[-1][0].subset_path,
                     {"N/alpha": ((record.get("N"), record.get("alpha")), (num_train, settings.alpha))},
                 )
+            # the run's manifest pins its index list: a damaged subset.json must not change the mask quietly
+            pinned = (read_manifest(runs[-1][0].run_dir) or {}).get("subset_hash")
+            if pinned is not None and hash_array(record["indices"]) != pinned:
+                raise CorruptArtifactError(
+                    f"{runs[-1][0].subset_path} is damaged: its indices do not match the subset_hash of "
+                    f"{runs[-1][0].run_dir / 'manifest.json'}: {retrain_remedy(runs[-1][0])}"
+                )
             masks[k, record["indices"]] = True
     if other_rule:
         # subset models of one training seed must share it (common random numbers); mixing rules breaks that
@@ -130,6 +144,7 @@ def model_losses(
     ``adapter`` says how the model is loaded and fed (default: pixel DDPM); latent models see the queries' latents.
     """
     adapter = adapter or ModelAdapter()
+    require_finished(run)  # damaged weights are named here, before their hash keys the cache
     weights = adapter.weights_file(run.unet_dir)
     manifest = ground_truth_manifest(
         hash_file(weights),
@@ -321,7 +336,7 @@ def evaluate(
             "seed_rule": SEED_RULE,
         },
     )
-    (out / "lds.md").write_text(table + "\n")
+    atomic_write_text(out / "lds.md", table + "\n")
     for name, by_method in curves.items():
         selected = {
             r.method: r.lambda_

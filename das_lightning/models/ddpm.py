@@ -13,13 +13,20 @@ from typing import TYPE_CHECKING
 import lightning as L
 import torch
 from diffusers.optimization import get_cosine_schedule_with_warmup
+from safetensors import SafetensorError
 from typing_extensions import override
 
 from das_lightning.diffusion import NUM_TRAIN_TIMESTEPS, make_scheduler
+from das_lightning.manifest import CorruptArtifactError, atomic_write_text
 from das_lightning.seeding import derive_seed
 
 if TYPE_CHECKING:
     from das_lightning.data import ImageDataset
+
+# what to change when training diverges (overrides of train.py; tests check that they compose)
+NAN_LOSS_ADVICE = (
+    "lower the learning rate (train.optimizer.lr=...) or train in full precision (trainer.precision=32-true)"
+)
 
 # In a trained-model folder: names the function that loads it, for models that are not a plain UNet2DModel
 TRAINED_LOADER_FILE = "das_loader.json"
@@ -27,23 +34,33 @@ TRAINED_LOADER_FILE = "das_loader.json"
 
 def write_trained_loader(folder: Path, loader: str) -> None:
     """Record in a trained-model folder which function (``"package.module:function"``) loads it back."""
-    (Path(folder) / TRAINED_LOADER_FILE).write_text(json.dumps({"loader": loader}))
+    atomic_write_text(Path(folder) / TRAINED_LOADER_FILE, json.dumps({"loader": loader}))
 
 
 def load_trained_network(folder: Path) -> torch.nn.Module:
     """The network saved by :meth:`DiffusionModule.save_trained` in ``folder``: a diffusers ``UNet2DModel``
     unless the folder names its own loader (e.g. a LoRA run: pretrained pipeline + adapters)."""
     marker = Path(folder) / TRAINED_LOADER_FILE
-    if marker.exists():
-        loader = json.loads(marker.read_text())["loader"]
-        module_name, function_name = loader.split(":")
-        # only our own loaders: a folder from elsewhere must not be able to name any importable function
-        if not module_name.startswith("das_lightning.") or function_name.startswith("_"):
-            raise ValueError(f"{marker} names loader {loader!r}; only das_lightning loaders are allowed")
-        return getattr(importlib.import_module(module_name), function_name)(folder)
-    from diffusers import UNet2DModel
+    try:
+        if marker.exists():
+            loader = json.loads(marker.read_text())["loader"]
+            module_name, function_name = loader.split(":")
+            # only our own loaders: a folder from elsewhere must not be able to name any importable function
+            if not module_name.startswith("das_lightning.") or function_name.startswith("_"):
+                raise ValueError(f"{marker} names loader {loader!r}; only das_lightning loaders are allowed")
+            return getattr(importlib.import_module(module_name), function_name)(folder)
+        from diffusers import UNet2DModel
 
-    return UNet2DModel.from_pretrained(str(folder), use_safetensors=True)
+        return UNet2DModel.from_pretrained(str(folder), use_safetensors=True)
+    except FileNotFoundError:
+        raise  # already one clear message (e.g. a pretrained component that is not in the local cache)
+    except (SafetensorError, OSError, json.JSONDecodeError) as error:
+        raise CorruptArtifactError(
+            f"cannot load the model in {folder}: a file there is truncated or damaged ({type(error).__name__}: "
+            f"{str(error).strip().splitlines()[0] if str(error).strip() else 'no detail'}); delete {folder} and "
+            "rerun `python train.py` with the same settings to retrain it (a model trained elsewhere: replace "
+            "its files)"
+        ) from error
 
 
 @dataclass
@@ -122,7 +139,7 @@ class DiffusionModule(L.LightningModule):
         loss = self.diffusion_loss(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"training loss is {loss.item()} at step {self.global_step}; lower train.lr or use precision=32"
+                f"training loss is {loss.item()} at step {self.global_step}; {NAN_LOSS_ADVICE}"
             )
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)

@@ -23,7 +23,7 @@ from typing_extensions import override
 
 from das_lightning.data import ImageDataset, ModelSpaceDataset, content_entry
 from das_lightning.diffusion import make_scheduler
-from das_lightning.manifest import check_or_write_manifest, hash_array
+from das_lightning.manifest import check_or_write_manifest, commit_file, hash_array, verified_file
 from das_lightning.models.adapters import MeasuredModel, ModelAdapter, latent_cache_folder
 from das_lightning.models.ddpm import DiffusionModule, OptimizerSettings, load_trained_network
 
@@ -87,8 +87,8 @@ def cached_latents(
         "latent": "posterior mean x scaling_factor",
     }
     check_or_write_manifest(folder, manifest)
-    target = folder / LATENTS_FILE
-    if target.exists():
+    target = verified_file(folder, LATENTS_FILE, f"delete {folder} and rerun to encode the latents again")
+    if target is not None:
         latents = load_file(str(target))["latents"]
     else:
         log.info("encoding %d images of %s into %s", len(dataset), dataset.set_name, folder)
@@ -99,9 +99,8 @@ def cached_latents(
             latents = torch.cat([encode_latents(vae, batch["image"]).float().cpu() for batch in loader])
         finally:
             vae.train(was_training)
-        partial = folder / f"{LATENTS_FILE}.tmp"
-        save_file({"latents": latents.contiguous()}, str(partial))
-        partial.replace(target)  # a reader never sees half a cache
+        # a reader never sees half a cache, and a damaged one is refused by its checksum
+        commit_file(folder, LATENTS_FILE, lambda tmp: save_file({"latents": latents.contiguous()}, str(tmp)))
     encoded = ModelSpaceDataset(dataset.set_name, latents, dataset.labels, list(dataset.class_names))
     encoded.content_id = dataset.content_id
     return encoded

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from typing_extensions import override
 
 from das_lightning.data import ImageDataset
+from das_lightning.manifest import atomic_save, atomic_write_text
 from das_lightning.models.adapters import MeasuredModel, ModelAdapter
 from das_lightning.models.ddpm import DiffusionModule, OptimizerSettings, write_trained_loader
 from das_lightning.models.latent import LatentEncoder, encode_latents
@@ -294,14 +295,15 @@ class StableDiffusionLoRAModule(DiffusionModule):
         """Only the adapters (safetensors) and what rebuilds the pipeline around them."""
         target = Path(folder)
         target.mkdir(parents=True, exist_ok=True)
-        save_file(lora_state_dict(self.unet), str(target / LORA_WEIGHTS_NAME))
+        state = lora_state_dict(self.unet)
+        atomic_save(target / LORA_WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp)))
         settings = {
             "pretrained": self.pretrained,
             "lora": asdict(self.lora_settings),
             "prompt_template": self.prompt_template,
             "class_names": self.class_names,
         }
-        (target / LORA_SETTINGS_NAME).write_text(json.dumps(settings, indent=2))
+        atomic_write_text(target / LORA_SETTINGS_NAME, json.dumps(settings, indent=2))
         write_trained_loader(target, f"{__name__}:load_trained_unet")
 
     @override
