@@ -144,7 +144,8 @@ def diverge(root: Path) -> None:
 def same_attribution(root: Path, reference: Path) -> bool:
     for name in ("train", "val", "generated"):
         a = root / RUN / "features" / "das" / name / "features.npy"
-        if not np.allclose(np.load(a), np.load(reference / RUN / "features" / "das" / name / "features.npy")):
+        b = reference / RUN / "features" / "das" / name / "features.npy"
+        if not np.allclose(np.load(a), np.load(b), rtol=1e-4, atol=1e-5):  # batch size changes the last bits
             return False
     for name in ("val", "generated"):
         a = np.load(root / RUN / "scores" / "das" / name / "scores.npy")
@@ -198,12 +199,23 @@ def rows_done(root: Path, elapsed: float) -> bool:
         return False
 
 
+def ground_truth_started(root: Path, elapsed: float) -> bool:
+    """Some subset models' ground truth is cached, not all of them."""
+    caches = list((root / "fashion2" / "tiny" / "lds" / "ground_truth").glob("*/*/losses.safetensors"))
+    return 1 <= len(caches) < 6
+
+
 def after(seconds: float) -> Callable[[Path, float], bool]:
     return lambda root, elapsed: elapsed >= seconds
 
 
 def gt_cache(root: Path) -> Path:
-    return next((root / "fashion2" / "tiny" / "lds" / "ground_truth").glob("lds-0-seed0/*val*"))
+    """The ground-truth cache of subset model 0 on the val queries (the folder is named after the set)."""
+    return next(
+        p
+        for p in sorted((root / "fashion2" / "tiny" / "lds" / "ground_truth" / "lds-0-seed0").iterdir())
+        if "test" in p.name
+    )
 
 
 def without_features(root: Path) -> None:
@@ -261,8 +273,9 @@ SCENARIOS = [
              lambda root: shutil.rmtree(root / RUN), kill_after=after(6.0)),
     Scenario("kill -9 in scoring", "scores/das", "kill -9 6.5 s after start (features reused)", "attribute",
              lambda root: shutil.rmtree(root / RUN / "scores"), kill_after=after(6.5)),
-    Scenario("kill -9 in ground truth", "lds/ground_truth", "kill -9 7 s after start", "evaluate",
-             lambda root: shutil.rmtree(root / "fashion2" / "tiny" / "lds"), kill_after=after(7.0)),
+    Scenario("kill -9 in ground truth", "lds/ground_truth", "kill -9 once 1-5 of 6 caches are written",
+             "evaluate", lambda root: shutil.rmtree(root / "fashion2" / "tiny" / "lds"),
+             kill_after=ground_truth_started),
     Scenario("full disk", "scores, grid, report", "RLIMIT_FSIZE = 8 KiB per file", "attribute",
              without_features, limit_file_size=8192),
 ]  # fmt: skip
@@ -277,7 +290,7 @@ def one_error(result: subprocess.CompletedProcess) -> str | None:
 
 def follow_remedy(error: str, root: Path, stage: str) -> subprocess.CompletedProcess | None:
     """Do what the error says (delete the path it names, rerun the commands it names), then the command itself."""
-    match = re.search(r"delete (/\S+?)(?: and|:|;|,|$)", error)
+    match = re.search(r"delete (/\S+?)(?= and |: |; |, |$)", error)  # paths may hold ':' (set names)
     commands = re.findall(r"python (train|attribute|evaluate_lds)\.py", error)
     if match is None and not commands:
         return None
@@ -309,7 +322,7 @@ def two_writers(root: Path, reference: Path) -> dict:
     rerun = run(root, "attribute")
     outcome = "equal" if rerun.returncode == 0 and same_attribution(root, reference) else "WRONG"
     if codes == [0, 2] and any(errors):
-        first = "one finished, the other: " + next(e for e in errors if e)
+        first = "one finished, the other: " + next(e for e in errors if e).replace(str(root), "<root>")
     elif codes == [0, 0]:
         first = "both finished (the second found the store complete)"
     else:
