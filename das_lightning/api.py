@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from das_lightning.errors import ConfigError, MissingArtifactError
 from das_lightning.manifest import atomic_folder, atomic_write_bytes, atomic_write_text
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -55,7 +56,7 @@ def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
     if not CONFIG_DIR.is_dir():
-        raise FileNotFoundError(
+        raise MissingArtifactError(
             f"the API composes the project's configs from {CONFIG_DIR}; install das-lightning from its source "
             "checkout (pip install -e .)"
         )
@@ -66,7 +67,7 @@ def _compose(overrides: list[str]):
 def _to_png_bytes(image: Any) -> bytes:
     if isinstance(image, torch.Tensor):
         if image.dim() != 3:
-            raise ValueError(f"query tensors must be (C, H, W) in [-1, 1], got shape {tuple(image.shape)}")
+            raise ConfigError(f"query tensors must be (C, H, W) in [-1, 1], got shape {tuple(image.shape)}")
         pixels = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         array = pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()
         image = Image.fromarray(array)

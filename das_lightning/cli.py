@@ -15,16 +15,15 @@ from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
-from das_lightning.attribution.store import StoreBusyError
-from das_lightning.data import DatasetNotFoundError, build_dataset
+from das_lightning.data import build_dataset
 from das_lightning.distributed import is_global_zero
+from das_lightning.errors import UserError
 from das_lightning.loggers import LoggerSettings
-from das_lightning.manifest import CorruptArtifactError, ManifestMismatchError
+from das_lightning.manifest import ManifestMismatchError
 from das_lightning.models.ddpm import OptimizerSettings
 from das_lightning.models.sampling import SamplerSettings
 from das_lightning.paths import RunPaths
 from das_lightning.training import (
-    CorruptCheckpointError,
     GenerationSettings,
     SubsetSettings,
     TrainerSettings,
@@ -35,16 +34,7 @@ T = TypeVar("T")
 log = logging.getLogger("das_lightning")
 
 # errors that are the user's to fix: one clear line, exit 2, no traceback (DAS_DEBUG=1 shows the traceback)
-USER_ERRORS = (
-    DatasetNotFoundError,
-    ManifestMismatchError,
-    FileNotFoundError,
-    ValueError,
-    CorruptArtifactError,  # includes damaged feature stores
-    StoreBusyError,
-    CorruptCheckpointError,
-    FloatingPointError,
-)
+USER_ERRORS = (UserError,)  # das_lightning.errors: settings, missing/damaged/mismatched artifacts, NaNs
 
 
 # a full disk, a full quota, a file-size limit: the user's to fix, not a bug
@@ -263,7 +253,7 @@ def close_logger(logger) -> None:
 
 def require_trained_on(paths: RunPaths, train_set) -> None:
     """Refuse to attribute a model to a training set other than the one it was trained on."""
-    from das_lightning.manifest import ManifestMismatchError, manifest_differences, read_manifest
+    from das_lightning.manifest import manifest_differences, read_manifest
 
     manifest = read_manifest(paths.run_dir) or {}
     differences = manifest_differences(

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from das_lightning.data import ImageDataset
+from das_lightning.errors import MissingArtifactError
 
 
 def load_local_clip(model_name: str):
@@ -17,7 +18,7 @@ def load_local_clip(model_name: str):
         model = CLIPModel.from_pretrained(model_name, local_files_only=True)
         processor = CLIPProcessor.from_pretrained(model_name, local_files_only=True)
     except (OSError, ImportError, ValueError) as error:
-        raise FileNotFoundError(
+        raise MissingArtifactError(
             f"method=clip needs the CLIP model {model_name!r} in the local Hugging Face cache and it is not there "
             f"({type(error).__name__}). When online, fetch it once with `huggingface-cli download {model_name}` "
             "(and `pip install transformers`), or set method.clip_model=/path/to/a/local/clip/folder."

@@ -23,12 +23,13 @@ from PIL import Image, UnidentifiedImageError
 
 from das_lightning.data import TensorImageDataset
 from das_lightning.data.base import center_crop_square
+from das_lightning.errors import ConfigError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 LABELS_FILE = "labels.csv"
 
 
-class QueryFileError(ValueError):
+class QueryFileError(ConfigError):
     """A query image file that cannot be found or read; the message names it."""
 
 

@@ -9,6 +9,8 @@ from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
+from das_lightning.errors import ConfigError
+
 
 @dataclass
 class LoggerSettings:
@@ -35,7 +37,7 @@ def build_logger(
     W&B runs of one experiment share ``group`` (``<dataset>/<model>``) and say what they are with ``job_type``
     (train, subset, attribute, evaluate), so a sweep's 64 subset runs fold into one group beside the methods."""
     if job_type is not None and job_type not in JOB_TYPES:
-        raise ValueError(f"job_type must be one of {JOB_TYPES}, not {job_type!r}")
+        raise ConfigError(f"job_type must be one of {JOB_TYPES}, not {job_type!r}")
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     if settings.kind == "none":
@@ -46,7 +48,7 @@ def build_logger(
         return logger
     if settings.kind == "wandb":
         if settings.mode not in {"offline", "online", "disabled"}:
-            raise ValueError(f"logger.mode must be offline, online or disabled, not {settings.mode!r}")
+            raise ConfigError(f"logger.mode must be offline, online or disabled, not {settings.mode!r}")
         # offline never prompts and never touches the network; runs land in <save_dir>/wandb
         os.environ.setdefault("WANDB_SILENT", "true")
         logger = WandbLogger(
@@ -61,7 +63,7 @@ def build_logger(
             job_type=job_type,
         )
         return logger
-    raise ValueError(f"unknown logger kind {settings.kind!r}; choose wandb, csv or none")
+    raise ConfigError(f"unknown logger kind {settings.kind!r}; choose wandb, csv or none")
 
 
 def finish_logger(logger: Logger | None) -> None:

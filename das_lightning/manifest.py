@@ -23,17 +23,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from das_lightning.errors import UserError
+
 MANIFEST_NAME = "manifest.json"
 FILES_KEY = (
     "files"  # integrity records {file name: {"bytes", "blake2b"}}: written after the settings, not compared
 )
 
 
-class CorruptArtifactError(RuntimeError):
+class CorruptArtifactError(UserError, RuntimeError):
     """A file a stage would reuse disagrees with what was recorded when it was made (truncated, damaged, missing)."""
 
 
-class ManifestMismatchError(RuntimeError):
+class ManifestMismatchError(UserError, RuntimeError):
     """An existing artifact was made with settings other than the ones asked for now."""
 
     def __init__(self, path: Path, differences: dict[str, tuple[Any, Any]]):

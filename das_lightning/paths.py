@@ -15,13 +15,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from das_lightning.errors import ConfigError
+
 
 def subset_tag(kind: str, index: int | None = None) -> str:
     if kind == "full":
         return "full"
     if kind == "lds":
         return f"lds-{index}"
-    raise ValueError(f"unknown subset kind {kind!r}; choose 'full' or 'lds'")
+    raise ConfigError(f"unknown subset kind {kind!r}; choose 'full' or 'lds'")
 
 
 @dataclass(frozen=True)

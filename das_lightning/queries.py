@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from das_lightning.data import ImageDataset, TensorImageDataset, stratified_sample
+from das_lightning.errors import ConfigError
 from das_lightning.file_queries import file_queries
 from das_lightning.manifest import hash_file
 from das_lightning.paths import RunPaths
@@ -35,7 +36,7 @@ class QuerySettings:
 def validation_queries(test_set: ImageDataset, count: int) -> ImageDataset:
     """``count`` test images, class-stratified; refuses more than the test split holds (never fewer, silently)."""
     if not 0 < count <= len(test_set):
-        raise ValueError(
+        raise ConfigError(
             f"queries.num_val={count} but the test split {test_set.set_name} holds {len(test_set)} images; "
             f"choose queries.num_val between 1 and {len(test_set)}"
         )
@@ -48,7 +49,7 @@ def generated_queries(paths: RunPaths, count: int, image_size: int) -> ImageData
     """The first ``count`` images the full model generated, each with the class it was conditioned on."""
     images, labels, class_names = load_generated_queries(paths)
     if count > len(images):
-        raise ValueError(
+        raise ConfigError(
             f"{count} generated queries asked for but {paths.queries_dir} holds {len(images)}; "
             "raise generate.num_images when training, or lower queries.num_generated"
         )
@@ -70,9 +71,9 @@ def build_query_sets(
 ) -> dict[str, ImageDataset]:
     unknown = set(settings.sets) - set(QUERY_SETS)
     if unknown:
-        raise ValueError(f"unknown query sets {sorted(unknown)}; choose from {list(QUERY_SETS)}")
+        raise ConfigError(f"unknown query sets {sorted(unknown)}; choose from {list(QUERY_SETS)}")
     if "files" in settings.sets and not settings.files:
-        raise ValueError(
+        raise ConfigError(
             "queries.sets includes files: give the images with queries.files=PATH (folder or list)"
         )
     builders = {

@@ -22,6 +22,7 @@ from das_lightning.data import ImageDataset
 from das_lightning.data.datamodule import DiffusionDataModule
 from das_lightning.data.subsets import lds_subset_indices, save_index_list
 from das_lightning.distributed import is_global_zero
+from das_lightning.errors import ConfigError, MissingArtifactError
 from das_lightning.loggers import LoggerSettings, build_logger, finish_logger
 from das_lightning.manifest import (
     CorruptArtifactError,
@@ -64,14 +65,14 @@ class SubsetSettings:
 
     def validate(self) -> None:
         if self.kind not in {"full", "lds", "custom"}:
-            raise ValueError(f"subset.kind must be 'full' or 'lds', not {self.kind!r}")
+            raise ConfigError(f"subset.kind must be 'full' or 'lds', not {self.kind!r}")
         if self.kind == "custom" and not self.indices:
-            raise ValueError("subset.kind=custom needs a non-empty list of indices")
+            raise ConfigError("subset.kind=custom needs a non-empty list of indices")
         if self.kind == "lds":
             if self.index is None or int(self.index) < 0:
-                raise ValueError(f"subset.index must be an integer >= 0 for subset=lds, got {self.index!r}")
+                raise ConfigError(f"subset.index must be an integer >= 0 for subset=lds, got {self.index!r}")
             if not 0.0 < float(self.alpha) <= 1.0:
-                raise ValueError(f"subset.alpha must lie in (0, 1], got {self.alpha!r}")
+                raise ConfigError(f"subset.alpha must lie in (0, 1], got {self.alpha!r}")
 
 
 @dataclass
@@ -88,13 +89,13 @@ class TrainSettings:
         """Refuse settings that would end in a Lightning or optimizer traceback later."""
         for key in ("max_steps", "batch_size"):
             if int(getattr(self, key)) < 1:
-                raise ValueError(f"train.{key} must be a positive integer, got {getattr(self, key)}")
+                raise ConfigError(f"train.{key} must be a positive integer, got {getattr(self, key)}")
         if int(self.snapshot_every_n_steps) < 0 or int(self.num_workers) < 0:
-            raise ValueError("train.snapshot_every_n_steps and train.num_workers must be >= 0")
+            raise ConfigError("train.snapshot_every_n_steps and train.num_workers must be >= 0")
         if float(self.grad_clip) < 0:
-            raise ValueError(f"train.grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
+            raise ConfigError(f"train.grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
         if not float(self.optimizer.lr) > 0:
-            raise ValueError(f"train.optimizer.lr must be positive, got {self.optimizer.lr}")
+            raise ConfigError(f"train.optimizer.lr must be positive, got {self.optimizer.lr}")
 
 
 @dataclass
@@ -140,7 +141,7 @@ def subset_indices(dataset: ImageDataset, subset: SubsetSettings) -> np.ndarray:
     if subset.kind == "custom":
         indices = np.unique(np.asarray(subset.indices, dtype=np.int64))
         if indices[0] < 0 or indices[-1] >= len(dataset):
-            raise ValueError(f"custom subset indices must lie in [0, {len(dataset)})")
+            raise ConfigError(f"custom subset indices must lie in [0, {len(dataset)})")
         return indices
     return lds_subset_indices(dataset.labels, float(subset.alpha), int(subset.index))
 
@@ -203,7 +204,7 @@ def check_fits_unet(unet: torch.nn.Module, image_size: int) -> None:
         return
     factor = 2 ** (len(blocks) - 1)
     if int(image_size) % factor:
-        raise ValueError(
+        raise ConfigError(
             f"dataset.image_size={image_size} does not fit this UNet: its {len(blocks)} levels need a multiple of "
             f"{factor} (e.g. {max(factor, int(image_size) // factor * factor)})"
         )
@@ -337,7 +338,7 @@ def _fit(
         callbacks.append(SnapshotCallback(paths.snapshots_dir, train.snapshot_every_n_steps))
     resume = Path(resume_from) if resume_from is not None else None
     if resume is not None and not resume.exists():
-        raise FileNotFoundError(f"cannot resume: checkpoint {resume} does not exist")
+        raise MissingArtifactError(f"cannot resume: checkpoint {resume} does not exist")
     if resume is None and paths.checkpoint_path.exists():
         resume = paths.checkpoint_path
     if resume is not None:
@@ -389,7 +390,7 @@ def require_finished(paths: RunPaths) -> None:
     the finished model is missing, truncated or damaged (its size and checksum were sealed in ``DONE``)."""
     marker = paths.unet_dir / DONE_MARKER
     if not marker.exists():
-        raise FileNotFoundError(
+        raise MissingArtifactError(
             f"no finished model at {paths.unet_dir}: train it first with "
             f"`python train.py` (same dataset/model/subset/seed settings)"
         )
@@ -460,7 +461,7 @@ def _generated_manifest(paths: RunPaths) -> dict[str, Any]:
     target = paths.queries_dir / GENERATED_FILE
     manifest = read_manifest(paths.queries_dir)
     if not target.exists() or manifest is None:
-        raise FileNotFoundError(
+        raise MissingArtifactError(
             f"no generated queries at {target}: run `python train.py` with generation on first"
         )
     return manifest

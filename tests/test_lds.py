@@ -74,7 +74,7 @@ def test_constant_query_is_nan_and_excluded_from_the_mean() -> None:
 
 def test_shape_contract_is_enforced() -> None:
     scores, masks, losses = synthetic_problem(num_subsets=10, num_queries=5)
-    with pytest.raises(AssertionError, match="subsets x queries"):
+    with pytest.raises(ValueError, match="subsets x queries"):
         lds_per_query(scores, masks, losses.T)
 
 

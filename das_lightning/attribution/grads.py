@@ -28,6 +28,7 @@ from torch.func import functional_call, grad, vmap
 
 from das_lightning.attribution.outputs import get_output_function
 from das_lightning.diffusion import add_noise, rule_noise
+from das_lightning.errors import ConfigError
 from das_lightning.models.attention import use_vmap_friendly_attention
 
 ParamFilter = Callable[[str], bool]
@@ -59,7 +60,7 @@ def select_parameters(model: torch.nn.Module, pattern: str | None = None) -> lis
         regex = re.compile(pattern)
         names = [name for name, _ in model.named_parameters() if regex.search(name)]
     if not names:
-        raise ValueError(f"no parameter of {type(model).__name__} is selected by pattern {pattern!r}")
+        raise ConfigError(f"no parameter of {type(model).__name__} is selected by pattern {pattern!r}")
     return names
 
 
@@ -116,9 +117,9 @@ class PerSampleGradients:
         activation_bytes: int = AUTO_PAIR_ACTIVATION_BYTES,
     ) -> None:
         if len(timesteps) == 0:
-            raise ValueError("at least one timestep is needed")
+            raise ConfigError("at least one timestep is needed")
         if timestep_batch is not None and timestep_batch < 1:
-            raise ValueError(f"timestep_batch must be positive, got {timestep_batch}")
+            raise ConfigError(f"timestep_batch must be positive, got {timestep_batch}")
         self.model = model
         self.alphas_cumprod = alphas_cumprod.detach()
         self.output_function_name = output_function
@@ -136,7 +137,7 @@ class PerSampleGradients:
         else:
             self.parameter_names = [name for name, _ in model.named_parameters() if param_filter(name)]
             if not self.parameter_names:
-                raise ValueError("param_filter selects no parameter")
+                raise ConfigError("param_filter selects no parameter")
         parameters = dict(model.named_parameters())
         self.parameter_slices: dict[str, slice] = {}
         offset = 0
@@ -233,7 +234,7 @@ class PerSampleGradients:
         batch = images.shape[0]
         index_list = [int(i) for i in (indices.tolist() if torch.is_tensor(indices) else indices)]
         if len(index_list) != batch:
-            raise ValueError(f"{batch} images but {len(index_list)} indices")
+            raise ConfigError(f"{batch} images but {len(index_list)} indices")
         extra = dict(extra or {})
         if self.timestep_batch is not None:
             return self._batch_gradients(images, index_list, set_name, extra, self.timestep_batch)

@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import torch
 
+from das_lightning.errors import ConfigError
+
 OutputFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -52,7 +54,7 @@ def get_output_function(name: str) -> OutputFunction:
     try:
         return OUTPUT_FUNCTIONS[name]
     except KeyError:
-        raise ValueError(f"unknown output function {name!r}; known: {sorted(OUTPUT_FUNCTIONS)}") from None
+        raise ConfigError(f"unknown output function {name!r}; known: {sorted(OUTPUT_FUNCTIONS)}") from None
 
 
 def batched_output(name: str, eps_pred: torch.Tensor, eps_true: torch.Tensor) -> torch.Tensor:

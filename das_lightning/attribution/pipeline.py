@@ -29,6 +29,7 @@ from das_lightning.attribution.methods import Method, build_method
 from das_lightning.attribution.settings import MethodSettings
 from das_lightning.data import ImageDataset, content_entry
 from das_lightning.distributed import is_global_zero
+from das_lightning.errors import ConfigError, MissingArtifactError, NumericalError
 from das_lightning.file_queries import FileQueryDataset
 from das_lightning.lambdas import ChosenScale, choose_scale
 from das_lightning.manifest import (
@@ -79,13 +80,13 @@ def attribute(
         scales = sorted(by_scale, key=lambda c: -1.0 if c is None else c)
         stacked = np.stack([by_scale[c] for c in scales]).astype(np.float32)  # lambdas x queries x train
         if not np.all(np.isfinite(stacked)):
-            raise FloatingPointError(f"{method.name}: non-finite scores for {query_set}; check the features")
+            raise NumericalError(f"{method.name}: non-finite scores for {query_set}; check the features")
         has_lambda = scales != [None]
         chosen[query_set] = (
             choose_scale(inputs.lds_file, method.name, query_set, method.lambda_scale) if has_lambda else None
         )
         if chosen[query_set] is not None and chosen[query_set].scale not in by_scale:
-            raise ValueError(
+            raise ConfigError(
                 f"lambda scale c = {chosen[query_set].scale:g} ({chosen[query_set].source}) is not on the grid "
                 f"method.lambda_scales; add it or set method.lambda_scale to a grid value"
             )
@@ -138,7 +139,7 @@ def scores_at(stacked: np.ndarray, manifest: dict[str, Any], scale: float | None
     if not scales:
         return np.asarray(stacked[0])
     if scale not in scales:
-        raise ValueError(f"lambda scale c = {scale} is not among the stored c values {scales}")
+        raise ConfigError(f"lambda scale c = {scale} is not among the stored c values {scales}")
     return np.asarray(stacked[scales.index(scale)])
 
 
@@ -248,7 +249,9 @@ def load_scores(folder: Path) -> tuple[np.ndarray, dict[str, Any]]:
     """(lambdas x queries x train scores, manifest) of a finished score folder."""
     manifest = read_manifest(folder)
     if manifest is None or not manifest.get("complete"):
-        raise FileNotFoundError(f"no finished scores at {folder}: run `python attribute.py method=...` first")
+        raise MissingArtifactError(
+            f"no finished scores at {folder}: run `python attribute.py method=...` first"
+        )
     verify_file(
         folder / SCORES_FILE,
         (manifest.get(FILES_KEY) or {}).get(SCORES_FILE),

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from das_lightning.errors import ConfigError
 from das_lightning.seeding import derive_seed
 
 GIB = 1 << 30
@@ -49,7 +50,7 @@ class Projector(ABC):
 
     def _check_input(self, grads: torch.Tensor) -> None:
         if grads.dim() != 2 or grads.shape[1] != self.num_params:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.kind} projector expects gradients (B, {self.num_params}), got {tuple(grads.shape)}"
             )
 
@@ -80,9 +81,9 @@ class DenseProjector(Projector):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         if distribution not in self.DISTRIBUTIONS:
-            raise ValueError(f"unknown distribution {distribution!r}; known: {list(self.DISTRIBUTIONS)}")
+            raise ConfigError(f"unknown distribution {distribution!r}; known: {list(self.DISTRIBUTIONS)}")
         if num_params < 1 or dim < 1 or chunk_rows < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"num_params, dim and chunk_rows must be positive: {num_params}, {dim}, {chunk_rows}"
             )
         self.num_params, self.dim, self.seed = int(num_params), int(dim), int(seed)
@@ -167,7 +168,7 @@ class SparseJLProjector(Projector):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         if not 1 <= nnz_per_param <= dim:
-            raise ValueError(f"nnz_per_param must be in [1, dim={dim}], got {nnz_per_param}")
+            raise ConfigError(f"nnz_per_param must be in [1, dim={dim}], got {nnz_per_param}")
         self.num_params, self.dim, self.seed = int(num_params), int(dim), int(seed)
         self.nnz_per_param = int(nnz_per_param)
         self.chunk_rows = int(chunk_rows)
@@ -215,7 +216,7 @@ class IdentityProjector(Projector):
         self, num_params: int, dim: int | None = None, seed: int = 0, dtype: torch.dtype = torch.float32
     ) -> None:
         if dim is not None and dim != num_params:
-            raise ValueError(f"the identity projector has dim = num_params = {num_params}, got dim={dim}")
+            raise ConfigError(f"the identity projector has dim = num_params = {num_params}, got dim={dim}")
         self.num_params = self.dim = int(num_params)
         self.seed = int(seed)
         self.dtype = dtype
@@ -251,7 +252,7 @@ class TrakCudaProjector(Projector):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         if distribution not in DenseProjector.DISTRIBUTIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown distribution {distribution!r}; known: {list(DenseProjector.DISTRIBUTIONS)}"
             )
         device = torch.device(device)
@@ -293,5 +294,5 @@ PROJECTORS: dict[str, type[Projector]] = {
 def build_projector(kind: str, num_params: int, dim: int | None, seed: int, **kwargs: Any) -> Projector:
     """The projector registered as ``kind`` (``dense``, ``sparse``, ``identity``, ``trak_cuda``)."""
     if kind not in PROJECTORS:
-        raise ValueError(f"unknown projector kind {kind!r}; known: {sorted(PROJECTORS)}")
+        raise ConfigError(f"unknown projector kind {kind!r}; known: {sorted(PROJECTORS)}")
     return PROJECTORS[kind](num_params=num_params, dim=dim, seed=seed, **kwargs)

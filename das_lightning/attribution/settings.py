@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from das_lightning.attribution.features import FeatureSettings
+from das_lightning.errors import ConfigError
 from das_lightning.lambdas import DEFAULT_LAMBDA_SCALE, default_scale_grid
 
 
@@ -43,13 +44,13 @@ class MethodSettings:
     def validate(self) -> None:
         """The checks every method shares (a method's own are in its entry)."""
         if any(float(c) <= 0 for c in self.lambda_scales):
-            raise ValueError(
+            raise ConfigError(
                 f"method.lambda_scales must be positive multiples of the unit, got {self.lambda_scales}"
             )
         if self.lambda_scale <= 0:
-            raise ValueError(f"method.lambda_scale must be positive, got {self.lambda_scale}")
+            raise ConfigError(f"method.lambda_scale must be positive, got {self.lambda_scale}")
         if self.screen_by not in {None, "pixel", "clip"}:
-            raise ValueError(f"method.screen_by must be pixel, clip or null, not {self.screen_by!r}")
+            raise ConfigError(f"method.screen_by must be pixel, clip or null, not {self.screen_by!r}")
         for key in ("top_k", "num_grid_queries", "block_size", "screen_top"):
             if int(getattr(self, key)) < (0 if key == "num_grid_queries" else 1):
-                raise ValueError(f"method.{key} must be a positive integer, got {getattr(self, key)}")
+                raise ConfigError(f"method.{key} must be a positive integer, got {getattr(self, key)}")

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from das_lightning.errors import ConfigError, MissingArtifactError, NumericalError, UserError
 from das_lightning.manifest import (
     CorruptArtifactError,
     ManifestMismatchError,
@@ -52,7 +53,7 @@ class CorruptStoreError(CorruptArtifactError):
     """The files of a store do not agree with its manifest (truncated, resized, damaged or foreign files)."""
 
 
-class StoreBusyError(RuntimeError):
+class StoreBusyError(UserError, RuntimeError):
     """Another process is writing the same store."""
 
 
@@ -166,7 +167,7 @@ class FeatureStore:
         """Create the store, or reopen it to resume; refuses a store made with other settings (naming the keys)
         and a store whose files are truncated or whose finished rows are damaged (naming the file)."""
         if dtype not in DTYPES:
-            raise ValueError(f"feature dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+            raise ConfigError(f"feature dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
         folder = Path(folder)
         full_manifest = {
             **manifest,
@@ -192,7 +193,7 @@ class FeatureStore:
         folder = Path(folder)
         manifest = read_manifest(folder)
         if manifest is None:
-            raise FileNotFoundError(
+            raise MissingArtifactError(
                 f"no feature store at {folder} (no manifest.json): run `python attribute.py` first"
             )
         if expected is not None:
@@ -301,10 +302,12 @@ class FeatureStore:
         indices = np.asarray(indices, dtype=np.int64)
         rows = np.asarray(rows)
         if rows.shape != (indices.size, self.dim):
-            raise ValueError(f"rows of shape {rows.shape} do not fit indices {indices.size} x dim {self.dim}")
+            raise ConfigError(
+                f"rows of shape {rows.shape} do not fit indices {indices.size} x dim {self.dim}"
+            )
         if not np.all(np.isfinite(rows)):
             bad = indices[~np.all(np.isfinite(rows), axis=1)]
-            raise FloatingPointError(
+            raise NumericalError(
                 f"non-finite features for dataset indices {bad[:10].tolist()}: the model or the gradients "
                 "produced NaN/inf; nothing was written for this batch"
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from das_lightning.errors import ConfigError
 from das_lightning.seeding import derive_seed
 
 TIMESTEP_STRATEGIES = ("uniform", "cumulative", "random", "explicit")
@@ -24,21 +25,21 @@ def select_timesteps(
     not divide ``total``, ``uniform`` keeps the first K of range(0, total, total // K).
     """
     if strategy not in TIMESTEP_STRATEGIES:
-        raise ValueError(f"unknown timestep strategy {strategy!r}; known: {list(TIMESTEP_STRATEGIES)}")
+        raise ConfigError(f"unknown timestep strategy {strategy!r}; known: {list(TIMESTEP_STRATEGIES)}")
     if strategy == "explicit":
         if not explicit:
-            raise ValueError("timestep strategy 'explicit' needs a non-empty `explicit` list of timesteps")
+            raise ConfigError("timestep strategy 'explicit' needs a non-empty `explicit` list of timesteps")
         chosen = [int(t) for t in explicit]
         outside = [t for t in chosen if not 0 <= t < total]
         if outside:
-            raise ValueError(f"explicit timesteps {outside} are outside [0, {total})")
+            raise ConfigError(f"explicit timesteps {outside} are outside [0, {total})")
         if len(set(chosen)) != len(chosen):
-            raise ValueError(f"explicit timesteps repeat: {chosen}")
+            raise ConfigError(f"explicit timesteps repeat: {chosen}")
         return sorted(chosen)
     if explicit is not None:
-        raise ValueError(f"`explicit` timesteps were given but the strategy is {strategy!r}, not 'explicit'")
+        raise ConfigError(f"`explicit` timesteps were given but the strategy is {strategy!r}, not 'explicit'")
     if not 1 <= num_timesteps <= total:
-        raise ValueError(f"num_timesteps must be in [1, {total}], got {num_timesteps}")
+        raise ConfigError(f"num_timesteps must be in [1, {total}], got {num_timesteps}")
     if strategy == "uniform":
         return list(range(0, total, total // num_timesteps))[:num_timesteps]
     if strategy == "cumulative":

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from das_lightning.errors import ConfigError, MissingArtifactError
+
 # Resizing whole splits at once would hold a float copy of every image; chunks keep the peak small.
 _RESIZE_CHUNK = 4096
 
@@ -27,7 +29,7 @@ class Sample(TypedDict):
     label: int
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(MissingArtifactError):
     """The files of a dataset are not where they were looked for (and could not be downloaded)."""
 
 
@@ -138,9 +140,9 @@ class TensorImageDataset(ImageDataset):
         image_size: int,
     ):
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+            raise ConfigError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         if images.shape[0] != len(labels):
-            raise ValueError(f"{images.shape[0]} images but {len(labels)} labels")
+            raise ConfigError(f"{images.shape[0]} images but {len(labels)} labels")
         super().__init__(set_name, labels, class_names, images.shape[1], image_size)
         self.images = resize_images(images, image_size).contiguous()
 
@@ -165,9 +167,9 @@ class ModelSpaceDataset(ImageDataset):
 
     def __init__(self, set_name: str, tensors: torch.Tensor, labels: np.ndarray, class_names: Sequence[str]):
         if tensors.dim() != 4 or tensors.shape[-1] != tensors.shape[-2]:
-            raise ValueError(f"tensors must be square (N, C, h, h), got {tuple(tensors.shape)}")
+            raise ConfigError(f"tensors must be square (N, C, h, h), got {tuple(tensors.shape)}")
         if tensors.shape[0] != len(labels):
-            raise ValueError(f"{tensors.shape[0]} tensors but {len(labels)} labels")
+            raise ConfigError(f"{tensors.shape[0]} tensors but {len(labels)} labels")
         super().__init__(
             set_name, labels, class_names, channels=tensors.shape[1], image_size=tensors.shape[-1]
         )
@@ -204,7 +206,7 @@ class FileImageDataset(ImageDataset):
         crop_size: int | None = None,
     ):
         if len(paths) != len(labels):
-            raise ValueError(f"{len(paths)} files but {len(labels)} labels")
+            raise ConfigError(f"{len(paths)} files but {len(labels)} labels")
         super().__init__(set_name, labels, class_names, 3, image_size)
         self.paths = [Path(path) for path in paths]
         self.crop_size = crop_size

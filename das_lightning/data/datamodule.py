@@ -12,6 +12,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from das_lightning.data.base import ImageDataset, Sample
+from das_lightning.errors import ConfigError
 
 
 class HorizontalFlipDataset(Dataset[Sample]):
@@ -89,7 +90,7 @@ class DiffusionDataModule(LightningDataModule):
         if subset_indices is not None:
             subset_indices = np.asarray(subset_indices, dtype=np.int64)
             if subset_indices.size and not 0 <= subset_indices.min() <= subset_indices.max() < len(dataset):
-                raise ValueError(f"subset indices fall outside {dataset.set_name} of {len(dataset)} images")
+                raise ConfigError(f"subset indices fall outside {dataset.set_name} of {len(dataset)} images")
         self.dataset = dataset
         self.subset_indices = subset_indices
         self.batch_size = batch_size

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from das_lightning.data.base import DatasetNotFoundError
+from das_lightning.errors import ConfigError
 from das_lightning.manifest import atomic_path
 
 DOWNLOAD_TIMEOUT_S = 30
@@ -35,14 +36,14 @@ def read_idx(path: str | Path) -> np.ndarray:
     with opener(path, "rb") as handle:
         data = handle.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file (magic number {data[:4].hex()})")
+        raise ConfigError(f"{path} is not an IDX file (magic number {data[:4].hex()})")
     ndim = data[3]
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">i4", count=ndim, offset=4))
     dtype = np.dtype(_IDX_DTYPES[data[2]])
     offset = 4 + 4 * ndim
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(data) - offset != expected:
-        raise ValueError(
+        raise ConfigError(
             f"{path}: header says shape {shape} ({expected} bytes) but holds {len(data) - offset}"
         )
     return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape).astype(dtype.newbyteorder("="))
@@ -54,7 +55,7 @@ def read_cifar_binary(paths: Sequence[str | Path]) -> tuple[np.ndarray, np.ndarr
     for path in paths:
         raw = np.fromfile(path, dtype=np.uint8)
         if raw.size % CIFAR_RECORD_BYTES:
-            raise ValueError(
+            raise ConfigError(
                 f"{path}: {raw.size} bytes is not a whole number of {CIFAR_RECORD_BYTES}-byte records"
             )
         records.append(raw.reshape(-1, CIFAR_RECORD_BYTES))

@@ -36,6 +36,7 @@ from das_lightning.data.formats import (
     read_idx,
 )
 from das_lightning.data.subsets import SUBSET_BASE_SEED, stratified_sample
+from das_lightning.errors import ConfigError
 
 SPLITS = ("train", "test")
 FASHION2_ASSET = Path(__file__).parent / "assets" / "fashion2.npz"
@@ -117,9 +118,11 @@ def resolve_classes(requested: Sequence[str | int], available: Sequence[str], da
         elif text.lstrip("-").isdigit() and 0 <= int(text) < len(available):
             resolved.append(int(text))
         else:
-            raise ValueError(f"{dataset}: unknown class {item!r}; choose names or ids from {list(available)}")
+            raise ConfigError(
+                f"{dataset}: unknown class {item!r}; choose names or ids from {list(available)}"
+            )
     if len(set(resolved)) != len(resolved):
-        raise ValueError(f"{dataset}: classes {list(requested)} name a class twice")
+        raise ConfigError(f"{dataset}: classes {list(requested)} name a class twice")
     return resolved
 
 
@@ -363,9 +366,9 @@ class DatasetEntry:
         **extra: Any,
     ) -> ImageDataset:
         if split not in SPLITS:
-            raise ValueError(f"{self.name}: unknown split {split!r}; choose from {list(SPLITS)}")
+            raise ConfigError(f"{self.name}: unknown split {split!r}; choose from {list(SPLITS)}")
         if int(image_size) != image_size or image_size <= 0:
-            raise ValueError(f"{self.name}: image_size must be a positive integer, got {image_size}")
+            raise ConfigError(f"{self.name}: image_size must be a positive integer, got {image_size}")
         root_path = Path(root).expanduser() if root is not None else default_data_root(self.name)
         dataset = self.loader(
             self.name,
@@ -386,7 +389,7 @@ class DatasetEntry:
 def stratified_subset(dataset: ImageDataset, size: int) -> ImageDataset:
     """A class-stratified subset of ``size`` drawn with numpy seed 42, re-indexed and renamed."""
     if not 0 < size <= len(dataset):
-        raise ValueError(f"{dataset.set_name}: cannot keep {size} of {len(dataset)} images")
+        raise ConfigError(f"{dataset.set_name}: cannot keep {size} of {len(dataset)} images")
     if size == len(dataset):
         return dataset
     indices = stratified_sample(dataset.labels, size, np.random.default_rng(SUBSET_BASE_SEED))
@@ -431,5 +434,5 @@ def build_dataset(
         DatasetNotFoundError: the files are absent (and could not be downloaded); the message says where and how.
     """
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(sorted(DATASETS))}")
+        raise ConfigError(f"unknown dataset {name!r}; available: {', '.join(sorted(DATASETS))}")
     return DATASETS[name](split, root, image_size, classes, num_train, download, **extra)

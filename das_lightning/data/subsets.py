@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from das_lightning.errors import ConfigError
 from das_lightning.manifest import atomic_write_text, read_json
 
 SUBSET_BASE_SEED = 42
@@ -24,7 +25,7 @@ def class_quotas(labels: np.ndarray, size: int) -> dict[int, int]:
     classes, counts = np.unique(labels, return_counts=True)
     total = int(counts.sum())
     if not 0 <= size <= total:
-        raise ValueError(f"cannot draw {size} samples from {total}")
+        raise ConfigError(f"cannot draw {size} samples from {total}")
     exact = counts * size / total
     quotas = np.floor(exact).astype(np.int64)
     missing = size - int(quotas.sum())
@@ -50,9 +51,9 @@ def lds_subset_indices(labels: np.ndarray, alpha: float, index: int) -> np.ndarr
     Drawn with ``np.random.default_rng(42 + index)`` (METHOD.md §3), so subset k is the same on every machine.
     """
     if not 0.0 < alpha <= 1.0:
-        raise ValueError(f"LDS subset fraction alpha must be in (0, 1], got {alpha}")
+        raise ConfigError(f"LDS subset fraction alpha must be in (0, 1], got {alpha}")
     if int(index) != index or index < 0:
-        raise ValueError(f"LDS subset index must be a non-negative integer, got {index}")
+        raise ConfigError(f"LDS subset index must be a non-negative integer, got {index}")
     size = round(alpha * len(labels))
     return stratified_sample(labels, size, np.random.default_rng(SUBSET_BASE_SEED + int(index)))
 
@@ -80,7 +81,7 @@ def load_index_record(path: str | Path) -> dict[str, Any]:
     """The whole record written by :func:`save_index_list` (alpha, index, N, size, indices)."""
     record = read_json(Path(path), "rerun `python train.py` with the same subset settings to rewrite it")
     if len(record["indices"]) != record["size"]:
-        raise ValueError(f"{path}: holds {len(record['indices'])} indices but says size {record['size']}")
+        raise ConfigError(f"{path}: holds {len(record['indices'])} indices but says size {record['size']}")
     return record
 
 

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from typing_extensions import override
 
 from das_lightning.diffusion import NUM_TRAIN_TIMESTEPS, as_index_list, query_losses
+from das_lightning.errors import ConfigError, MissingArtifactError
 from das_lightning.manifest import (
     atomic_save,
     check_or_write_manifest,
@@ -114,7 +115,7 @@ def read_prediction_files(folder: Path, world_size: int) -> list[dict[str, torch
     paths = [Path(folder) / f"losses_rank{rank}_of{world_size}.safetensors" for rank in range(world_size)]
     missing = [path.name for path in paths if not path.exists()]
     if missing:
-        raise FileNotFoundError(f"prediction files missing from {folder}: {', '.join(missing)}")
+        raise MissingArtifactError(f"prediction files missing from {folder}: {', '.join(missing)}")
     return [load_file(path) for path in paths]
 
 
@@ -142,7 +143,7 @@ def gather_predictions(
         for index, loss in zip(output["index"].tolist(), output["loss"].double().tolist(), strict=True):
             previous = loss_by_index.setdefault(int(index), loss)
             if abs(previous - loss) > 1e-6 * max(1.0, abs(loss)):
-                raise ValueError(f"index {index} has two different losses: {previous} and {loss}")
+                raise ConfigError(f"index {index} has two different losses: {previous} and {loss}")
     wanted = sorted(loss_by_index) if indices is None else as_index_list(indices)
     missing = [index for index in wanted if index not in loss_by_index]
     if missing:
@@ -198,7 +199,7 @@ def cached_query_losses(
     losses = compute().detach().cpu().double()
     expected = manifest.get("num_queries")
     if expected is not None and losses.shape != (expected,):
-        raise ValueError(
+        raise ConfigError(
             f"computed losses have shape {tuple(losses.shape)}, manifest says {expected} queries"
         )
     commit_file(cache_dir, LOSSES_FILE, lambda tmp: save_file({"loss": losses.contiguous()}, str(tmp)))

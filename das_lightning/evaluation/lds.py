@@ -1,6 +1,6 @@
 """The Linear Datamodeling Score (LDS, METHOD.md §3): the one implementation, with its shape contract.
 
-Shape contract (asserted below; comments mark where shapes change):
+Shape contract (checked below, ValueError otherwise; comments mark where shapes change):
 
 - ``scores``: queries x train, ``Q x N`` (tau(q, i), one row per query);
 - ``masks``: subsets x train, ``M x N``, bool, ``masks[k, i]`` is True when training sample i is kept in subset k;
@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from das_lightning.errors import ConfigError
 from das_lightning.lambdas import LDS_JSON_VERSION, grid_edge
 from das_lightning.manifest import atomic_save, atomic_write_text
 from das_lightning.seeding import derive_seed
@@ -53,23 +54,29 @@ def _as_tensor(values: ArrayLike, dtype: torch.dtype = torch.float64) -> torch.T
 
 
 def _check_contract(scores: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor) -> tuple[int, int, int]:
-    """Assert the shape contract; returns (num_subsets M, num_queries Q, num_train N)."""
-    assert scores.dim() == 2, f"scores must be queries x train, got shape {tuple(scores.shape)}"
-    assert masks.dim() == 2, f"masks must be subsets x train, got shape {tuple(masks.shape)}"
-    assert losses.dim() == 2, f"losses must be subsets x queries, got shape {tuple(losses.shape)}"
+    """Check the shape contract (ValueError otherwise); returns (num_subsets M, num_queries Q, num_train N)."""
+    if not (scores.dim() == 2):
+        raise ValueError(f"scores must be queries x train, got shape {tuple(scores.shape)}")
+    if not (masks.dim() == 2):
+        raise ValueError(f"masks must be subsets x train, got shape {tuple(masks.shape)}")
+    if not (losses.dim() == 2):
+        raise ValueError(f"losses must be subsets x queries, got shape {tuple(losses.shape)}")
     num_queries, num_train = scores.shape
     num_subsets = masks.shape[0]
-    assert masks.shape[1] == num_train, f"masks have {masks.shape[1]} train columns, scores {num_train}"
-    assert losses.shape == (num_subsets, num_queries), (
-        f"losses must be subsets x queries = {(num_subsets, num_queries)}, got {tuple(losses.shape)}"
-    )
+    if not (masks.shape[1] == num_train):
+        raise ValueError(f"masks have {masks.shape[1]} train columns, scores {num_train}")
+    if losses.shape != (num_subsets, num_queries):
+        raise ValueError(
+            f"losses must be subsets x queries = {(num_subsets, num_queries)}, got {tuple(losses.shape)}"
+        )
     return num_subsets, num_queries, num_train
 
 
 def predictions(scores: ArrayLike, masks: ArrayLike) -> torch.Tensor:
     """g = masks @ scores^T, (M x N) @ (N x Q) -> M x Q, in float64 so near-equal sums keep their order."""
     scores_t, masks_t = _as_tensor(scores), _as_tensor(masks)
-    assert masks_t.shape[1] == scores_t.shape[1], "masks (M x N) and scores (Q x N) disagree on N"
+    if not (masks_t.shape[1] == scores_t.shape[1]):
+        raise ValueError("masks (M x N) and scores (Q x N) disagree on N")
     return masks_t @ scores_t.T  # (M x N) @ (N x Q) -> M x Q
 
 
@@ -102,7 +109,8 @@ def _spearman_columns(predicted: torch.Tensor, target: torch.Tensor) -> torch.Te
 
 def lds_from_predictions(predicted: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
     """LDS per query from predictions g (M x Q) and losses (M x Q) -> (Q,), NaN for undefined queries."""
-    assert predicted.shape == losses.shape, f"g {tuple(predicted.shape)} vs losses {tuple(losses.shape)}"
+    if not (predicted.shape == losses.shape):
+        raise ValueError(f"g {tuple(predicted.shape)} vs losses {tuple(losses.shape)}")
     # lower loss on q when the kept samples carry more attribution = positive LDS, hence -losses
     return _spearman_columns(predicted.to(torch.float64), -losses.to(torch.float64))
 
@@ -323,12 +331,12 @@ class HeldoutHalves:
 def heldout_halves(num_queries: int, num_subsets: int, mode: str = "queries", seed: int = 0) -> HeldoutHalves:
     """The split of :class:`HeldoutHalves` for ``mode`` (``lds.heldout``)."""
     if mode not in HELDOUT_MODES:
-        raise ValueError(f"lds.heldout must be one of {HELDOUT_MODES}, not {mode!r}")
+        raise ConfigError(f"lds.heldout must be one of {HELDOUT_MODES}, not {mode!r}")
     selection, report = heldout_split(num_queries, seed)
     if mode == "queries":
         return HeldoutHalves(selection, report)
     if num_subsets < 4:
-        raise ValueError(f"lds.heldout=queries_and_subsets needs at least 4 subsets, got {num_subsets}")
+        raise ConfigError(f"lds.heldout=queries_and_subsets needs at least 4 subsets, got {num_subsets}")
     generator = torch.Generator().manual_seed(derive_seed("lds-heldout-subsets", seed, num_subsets))
     order = torch.randperm(num_subsets, generator=generator).numpy()
     half = num_subsets // 2

@@ -20,6 +20,7 @@ from das_lightning.attribution.pipeline import load_scores
 from das_lightning.data import ImageDataset, content_entry, load_index_record
 from das_lightning.diffusion import NUM_TRAIN_TIMESTEPS
 from das_lightning.distributed import is_global_zero
+from das_lightning.errors import MissingArtifactError
 from das_lightning.evaluation.ground_truth import (
     GroundTruthModule,
     LossPredictionWriter,
@@ -74,7 +75,7 @@ class LDSSettings:
         return list(range(0, NUM_TRAIN_TIMESTEPS, self.timestep_stride))
 
 
-class MissingSubsetModelsError(FileNotFoundError):
+class MissingSubsetModelsError(MissingArtifactError):
     pass
 
 

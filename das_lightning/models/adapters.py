@@ -20,6 +20,7 @@ import torch
 
 from das_lightning.data import ImageDataset
 from das_lightning.diffusion import NUM_TRAIN_TIMESTEPS, make_scheduler
+from das_lightning.errors import ConfigError, MissingArtifactError
 from das_lightning.models.ddpm import load_trained_network
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ class PretrainedAdapter(ModelAdapter):
     def weights_file(self, unet_dir: Path | None = None) -> Path:
         path = self.unet_dir / self.weights_name
         if not path.exists():
-            raise FileNotFoundError(
+            raise MissingArtifactError(
                 f"model.pretrained={self.folder}: no {self.weights_name} in {self.unet_dir} (a diffusers UNet2DModel "
                 "or DDPMPipeline folder saved with safetensors; .bin pickles are never loaded)"
             )
@@ -134,7 +135,7 @@ class PretrainedAdapter(ModelAdapter):
             int(config["num_train_timesteps"]) != NUM_TRAIN_TIMESTEPS
             or config.get("prediction_type") != "epsilon"
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"{scheduler_dir}: das-lightning measures epsilon-prediction models trained on "
                 f"{NUM_TRAIN_TIMESTEPS} timesteps; this one has {config['num_train_timesteps']} steps and "
                 f"prediction_type={config.get('prediction_type')!r}"
@@ -154,7 +155,7 @@ class PretrainedAdapter(ModelAdapter):
         if config.get("num_class_embeds") or config.get("class_embed_type"):
             problems.append("a class-conditioned UNet (only unconditioned pretrained models are supported)")
         if problems:
-            raise ValueError(f"model.pretrained={self.folder} does not fit the data: " + "; ".join(problems))
+            raise ConfigError(f"model.pretrained={self.folder} does not fit the data: " + "; ".join(problems))
 
     def load(self, unet_dir: Path | None = None, latents_dir: Path | None = None) -> MeasuredModel:
         from diffusers import DDPMScheduler

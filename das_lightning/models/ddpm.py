@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from typing_extensions import override
 
 from das_lightning.diffusion import NUM_TRAIN_TIMESTEPS, make_scheduler
+from das_lightning.errors import ConfigError, NumericalError
 from das_lightning.manifest import CorruptArtifactError, atomic_write_text
 from das_lightning.seeding import derive_seed
 
@@ -47,7 +48,7 @@ def load_trained_network(folder: Path) -> torch.nn.Module:
             module_name, function_name = loader.split(":")
             # only our own loaders: a folder from elsewhere must not be able to name any importable function
             if not module_name.startswith("das_lightning.") or function_name.startswith("_"):
-                raise ValueError(f"{marker} names loader {loader!r}; only das_lightning loaders are allowed")
+                raise ConfigError(f"{marker} names loader {loader!r}; only das_lightning loaders are allowed")
             return getattr(importlib.import_module(module_name), function_name)(folder)
         from diffusers import UNet2DModel
 
@@ -138,7 +139,7 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_loss(batch)
         if not torch.isfinite(loss):
-            raise FloatingPointError(
+            raise NumericalError(
                 f"training loss is {loss.item()} at step {self.global_step}; {NAN_LOSS_ADVICE}"
             )
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)

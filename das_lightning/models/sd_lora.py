@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from typing_extensions import override
 
 from das_lightning.data import ImageDataset
+from das_lightning.errors import ConfigError, MissingArtifactError
 from das_lightning.manifest import atomic_save, atomic_write_text
 from das_lightning.models.adapters import MeasuredModel, ModelAdapter
 from das_lightning.models.ddpm import DiffusionModule, OptimizerSettings, write_trained_loader
@@ -38,7 +39,7 @@ LORA_SETTINGS_NAME = "lora.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class PretrainedModelNotFoundError(FileNotFoundError):
+class PretrainedModelNotFoundError(MissingArtifactError):
     """A pretrained pipeline is neither a local folder nor in the local Hugging Face cache."""
 
 
@@ -96,7 +97,7 @@ def load_stable_diffusion(pretrained: str, unet: bool = True) -> StableDiffusion
 
     scheduler = load_pretrained_component(DDPMScheduler, pretrained, "scheduler")
     if scheduler.config.prediction_type != "epsilon":
-        raise ValueError(
+        raise ConfigError(
             f"{pretrained} predicts {scheduler.config.prediction_type!r}; das-lightning's features and losses "
             "assume epsilon prediction (SD 1.x / miniSD)"
         )
@@ -148,7 +149,7 @@ def load_lora_weights(unet: torch.nn.Module, state: Mapping[str, torch.Tensor]) 
     result = set_peft_model_state_dict(unet, dict(state))
     unexpected = getattr(result, "unexpected_keys", None) or []
     if unexpected:
-        raise ValueError(f"LoRA weights do not fit the UNet: unexpected keys {unexpected[:5]}")
+        raise ConfigError(f"LoRA weights do not fit the UNet: unexpected keys {unexpected[:5]}")
 
 
 def class_prompts(class_names: Sequence[str], template: str = PROMPT_TEMPLATE) -> list[str]:
@@ -219,7 +220,7 @@ class StableDiffusionLoRAModule(DiffusionModule):
         class_names: Sequence[str] | None = None,
     ):
         if frozen_dtype not in _DTYPES:
-            raise ValueError(f"frozen_dtype must be one of {sorted(_DTYPES)}, not {frozen_dtype!r}")
+            raise ConfigError(f"frozen_dtype must be one of {sorted(_DTYPES)}, not {frozen_dtype!r}")
         lora_settings = LoRASettings(rank=int(rank), alpha=alpha)
         add_lora(unet, lora_settings)  # before the base class sees the UNet, so its EMA copy (if any) matches
         super().__init__(unet, optimizer, seed)
@@ -245,7 +246,7 @@ class StableDiffusionLoRAModule(DiffusionModule):
         if self.class_names is None:
             self.class_names = list(dataset.class_names)
         elif list(self.class_names) != list(dataset.class_names):
-            raise ValueError(
+            raise ConfigError(
                 f"class_names {self.class_names} differ from the dataset's {dataset.class_names}"
             )
         return dataset

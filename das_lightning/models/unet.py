@@ -7,6 +7,8 @@ from typing import Any
 
 from diffusers import UNet2DModel
 
+from das_lightning.errors import ConfigError
+
 UNET_PRESETS: dict[str, dict[str, Any]] = {
     # ~0.1 s per batch of 64 at 16x16 on 2 CPU cores: the default for demos and tests
     "tiny": dict(
@@ -43,7 +45,7 @@ UNET_PRESETS["celeba"] = UNET_PRESETS["cifar"]
 def build_unet(preset: str, sample_size: int, channels: int, **overrides: Any) -> UNet2DModel:
     """A ``UNet2DModel`` from a named preset; ``overrides`` replace preset keys (e.g. ``dropout=0.0``)."""
     if preset not in UNET_PRESETS:
-        raise ValueError(f"unknown UNet preset {preset!r}; choose one of {sorted(UNET_PRESETS)}")
+        raise ConfigError(f"unknown UNet preset {preset!r}; choose one of {sorted(UNET_PRESETS)}")
     kwargs = {**UNET_PRESETS[preset], **overrides}
     kwargs = {key: tuple(value) if isinstance(value, list) else value for key, value in kwargs.items()}
     return UNet2DModel(sample_size=sample_size, in_channels=channels, out_channels=channels, **kwargs)

@@ -12,6 +12,7 @@ import pkgutil
 
 from das_lightning.attribution.methods.base import METHODS, Method, register
 from das_lightning.attribution.settings import MethodSettings
+from das_lightning.errors import ConfigError
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base":
@@ -21,7 +22,7 @@ for _module in pkgutil.iter_modules(__path__):
 def build_method(settings: MethodSettings) -> Method:
     """The registered entry of ``settings.kind``, built (and so validated) from ``settings``."""
     if settings.kind not in METHODS:
-        raise ValueError(f"unknown method kind {settings.kind!r}; choose one of {sorted(METHODS)}")
+        raise ConfigError(f"unknown method kind {settings.kind!r}; choose one of {sorted(METHODS)}")
     return METHODS[settings.kind](settings)
 
 

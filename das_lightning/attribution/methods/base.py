@@ -14,6 +14,7 @@ import numpy as np
 
 from das_lightning.attribution.context import ScoringContext
 from das_lightning.attribution.settings import MethodSettings
+from das_lightning.errors import ConfigError
 
 # method.kind -> the class that scores it; filled by @register as the modules of this package are imported
 METHODS: dict[str, type[Method]] = {}
@@ -46,7 +47,7 @@ class Method:
     def __init__(self, settings: MethodSettings) -> None:
         self.settings = settings
         if self.needs_features and settings.features is None:
-            raise ValueError(f"method {settings.name!r} ({self.kind}) needs a features section")
+            raise ConfigError(f"method {settings.name!r} ({self.kind}) needs a features section")
         settings.validate()
         self.validate()
 
@@ -71,7 +72,7 @@ class Method:
 
 def validate_similarity(settings: MethodSettings) -> None:
     if settings.similarity not in SIMILARITIES:
-        raise ValueError(
+        raise ConfigError(
             f"method.similarity must be one of {sorted(SIMILARITIES)}, not {settings.similarity!r}"
         )
 

@@ -13,6 +13,7 @@ from das_lightning.attribution.features import FeatureSettings
 from das_lightning.attribution.methods.base import register
 from das_lightning.attribution.methods.kernel import KernelMethod
 from das_lightning.data import ModelSpaceDataset
+from das_lightning.errors import ConfigError
 
 
 @register("journey_trak")
@@ -21,12 +22,12 @@ class JourneyTRAK(KernelMethod):
 
     def validate(self) -> None:
         if self.settings.journey_steps < 1:
-            raise ValueError(f"method.journey_steps must be at least 1, got {self.settings.journey_steps}")
+            raise ConfigError(f"method.journey_steps must be at least 1, got {self.settings.journey_steps}")
 
     def scores(self, context: ScoringContext, query_set: str) -> dict[float | None, np.ndarray]:
         inputs, settings = context.inputs, self.settings
         if query_set not in inputs.journey:
-            raise ValueError(
+            raise ConfigError(
                 f"journey_trak attributes generated queries along their trajectory; {query_set!r} has none"
             )
         dataset = inputs.query_sets[query_set]

@@ -17,6 +17,7 @@ from das_lightning.attribution.features import FeatureSettings
 from das_lightning.attribution.methods.base import Method, register
 from das_lightning.clip import dataset_images
 from das_lightning.diffusion import query_losses
+from das_lightning.errors import ConfigError
 from das_lightning.models.adapters import dataset_extra
 
 
@@ -97,13 +98,15 @@ class DAS(KernelMethod):
     def validate(self) -> None:
         settings = self.settings
         if settings.residual not in RESIDUALS:
-            raise ValueError(f"method.residual must be one of {sorted(RESIDUALS)}, not {settings.residual!r}")
+            raise ConfigError(
+                f"method.residual must be one of {sorted(RESIDUALS)}, not {settings.residual!r}"
+            )
         if settings.residual == "exact" and not settings.leverage:
-            raise ValueError(
+            raise ConfigError(
                 "method.residual=exact is the exact leave-one-out: it needs method.leverage=true"
             )
         if settings.residual_timesteps < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"method.residual_timesteps must be at least 1, got {settings.residual_timesteps}"
             )
 

@@ -13,6 +13,7 @@ from das_lightning.attribution import scores as scoring
 from das_lightning.attribution.context import ScoringContext
 from das_lightning.attribution.features import FeatureSettings
 from das_lightning.attribution.methods.base import Method, register
+from das_lightning.errors import ConfigError, MissingArtifactError
 
 
 @register("tracin")
@@ -22,7 +23,7 @@ class TracIn(Method):
     def scores(self, context: ScoringContext, query_set: str) -> dict[float | None, np.ndarray]:
         inputs, settings = context.inputs, self.settings
         if not inputs.snapshots:
-            raise FileNotFoundError(
+            raise MissingArtifactError(
                 "method=tracin needs weights saved during training: retrain with train.snapshot_every_n_steps=N (>0)"
             )
         terms = []
@@ -48,5 +49,5 @@ def copy_with_weights(unet: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
     clone = copy.deepcopy(unet)
     result = clone.load_state_dict(state, strict=False)
     if result.unexpected_keys:
-        raise ValueError(f"snapshot weights do not fit the model: unexpected {result.unexpected_keys[:5]}")
+        raise ConfigError(f"snapshot weights do not fit the model: unexpected {result.unexpected_keys[:5]}")
     return clone
