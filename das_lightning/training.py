@@ -21,7 +21,7 @@ from typing_extensions import override
 from das_lightning.data import ImageDataset
 from das_lightning.data.datamodule import DiffusionDataModule
 from das_lightning.data.subsets import lds_subset_indices, save_index_list
-from das_lightning.distributed import is_global_zero
+from das_lightning.distributed import build_trainer, is_global_zero, process_device
 from das_lightning.errors import ConfigError, MissingArtifactError
 from das_lightning.loggers import LoggerSettings, build_logger, finish_logger
 from das_lightning.manifest import (
@@ -344,20 +344,16 @@ def _fit(
     if resume is not None:
         _check_resumable(resume)
         log.info("resuming from %s", resume)
-    trainer = L.Trainer(
+    trainer = build_trainer(
+        trainer_settings,
         max_steps=train.max_steps,
         gradient_clip_val=train.grad_clip,
-        accelerator=trainer_settings.accelerator,
-        devices=trainer_settings.devices,
-        strategy=trainer_settings.strategy,
         precision=trainer_settings.precision,
-        num_nodes=trainer_settings.num_nodes,
         logger=logger if logger is not None else False,
         callbacks=callbacks,
         default_root_dir=str(paths.run_dir),
-        enable_progress_bar=trainer_settings.enable_progress_bar,
         log_every_n_steps=trainer_settings.log_every_n_steps,
-        enable_model_summary=False,
+        enable_checkpointing=True,
         deterministic=False,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
@@ -438,7 +434,7 @@ def generate_queries(
     target = folder / GENERATED_FILE
     if verified_file(folder, GENERATED_FILE, _regenerate_remedy(paths)) is not None:
         return target
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = process_device("auto")
     generated = ddim_sample(
         model.to(device), generation.num_images, generation.sampler, generation.batch_size, device
     )

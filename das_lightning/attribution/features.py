@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 
 from das_lightning import __version__
@@ -20,6 +18,7 @@ from das_lightning.attribution.store import FeatureStore, exclusive_writer
 from das_lightning.attribution.timesteps import select_timesteps
 from das_lightning.data import ImageDataset, content_entry
 from das_lightning.diffusion import NUM_TRAIN_TIMESTEPS
+from das_lightning.distributed import build_trainer, process_device
 from das_lightning.manifest import hash_array
 
 log = logging.getLogger(__name__)
@@ -71,9 +70,7 @@ class CollectionDevice:
     def torch_device(self) -> torch.device:
         """This process's device for work outside a Trainer (DAS residuals, Journey-TRAK replays): its rank's GPU
         when the collection runs on GPUs, else the CPU."""
-        if self.accelerator in {"gpu", "cuda", "auto"} and torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
+        return process_device(self.accelerator)
 
 
 def make_gradients(
@@ -162,7 +159,7 @@ def collect_features(
 ) -> FeatureStore:
     """Fill the store at ``folder`` with the features of every image of ``dataset``; resumes at missing rows."""
     gradients = make_gradients(unet, alphas_cumprod, settings, unet_kwargs)
-    target = "cuda" if device.accelerator in {"gpu", "cuda"} and torch.cuda.is_available() else "cpu"
+    target = process_device(device.accelerator).type
     projector = make_projector(settings, gradients.num_parameters, target)
     manifest = feature_manifest(checkpoint_id, dataset, settings, gradients, projector)
     with exclusive_writer(folder):  # a second run on this store stops here instead of writing beside this one
@@ -174,18 +171,12 @@ def collect_features(
         log.info("collecting %d of %d rows into %s", pending.size, len(dataset), folder)
         module = ShardedPredictModule(unet, dataset, pending, settings.batch_size, settings.num_workers)
         collector = ProjectedGradientCollector(store, gradients, projector, dataset.set_name, extra_inputs)
-        trainer = L.Trainer(
-            accelerator=device.accelerator,
-            devices=device.devices,
-            strategy=device.strategy,
-            num_nodes=device.num_nodes,
+        trainer = build_trainer(
+            device,
             inference_mode=False,  # gradients are the point
             use_distributed_sampler=False,  # the module shards the pending rows itself, without padding
             logger=logger if logger is not None else False,
             callbacks=[collector],
-            enable_progress_bar=device.enable_progress_bar,
-            enable_model_summary=False,
-            enable_checkpointing=False,
         )
         trainer.predict(module, return_predictions=False)
         if trainer.world_size > 1:

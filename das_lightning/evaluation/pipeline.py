@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lightning
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -19,7 +18,7 @@ from das_lightning.attribution.features import CollectionDevice
 from das_lightning.attribution.pipeline import load_scores
 from das_lightning.data import ImageDataset, content_entry, load_index_record
 from das_lightning.diffusion import NUM_TRAIN_TIMESTEPS
-from das_lightning.distributed import is_global_zero
+from das_lightning.distributed import build_trainer, is_global_zero
 from das_lightning.errors import MissingArtifactError
 from das_lightning.evaluation.ground_truth import (
     GroundTruthModule,
@@ -172,17 +171,7 @@ def model_losses(
         # one folder every rank can see (a per-process temporary folder would hide the other ranks' rows); it
         # lives inside the manifest-checked cache, so rows left by an interrupted run are rows of this same model
         scratch = cache / "ranks"
-        trainer = lightning.Trainer(
-            accelerator=device.accelerator,
-            devices=device.devices,
-            strategy=device.strategy,
-            num_nodes=device.num_nodes,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=device.enable_progress_bar,
-            enable_model_summary=False,
-            callbacks=[LossPredictionWriter(scratch)],
-        )
+        trainer = build_trainer(device, callbacks=[LossPredictionWriter(scratch)])
         loader = DataLoader(inputs, batch_size=settings.query_batch_size, shuffle=False)
         trainer.predict(module, loader, return_predictions=False)
         trainer.strategy.barrier()  # every rank's rows are on disk

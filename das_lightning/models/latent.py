@@ -23,6 +23,7 @@ from typing_extensions import override
 
 from das_lightning.data import ImageDataset, ModelSpaceDataset, content_entry
 from das_lightning.diffusion import make_scheduler
+from das_lightning.distributed import process_device
 from das_lightning.manifest import check_or_write_manifest, commit_file, hash_array, verified_file
 from das_lightning.models.adapters import MeasuredModel, ModelAdapter, latent_cache_folder
 from das_lightning.models.ddpm import DiffusionModule, OptimizerSettings, load_trained_network
@@ -218,8 +219,7 @@ class LatentDiffusionModule(DiffusionModule):
     def prepare_training_set(self, dataset: ImageDataset) -> ImageDataset:
         """The cached latents of ``dataset`` (encoded now when the cache is empty)."""
         vae = load_vae(self.vae_pretrained, self.vae_subfolder)
-        if torch.cuda.is_available():
-            vae = vae.to("cuda")
+        vae = vae.to(process_device("auto"))
         folder = latent_cache_folder(self.latents_dir, dataset.set_name)
         return cached_latents(vae, dataset, folder, self.encode_batch_size)
 
