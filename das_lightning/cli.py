@@ -193,11 +193,11 @@ def module_settings(model_cfg: DictConfig) -> dict[str, Any]:
 
 def attribution_inputs(cfg: DictConfig, paths: RunPaths, method):
     """The full model, its training set and its query sets, as the attribute stage needs them."""
+    from das_lightning.artifacts import load_finished, training_snapshots
     from das_lightning.attribution.methods import build_method
     from das_lightning.attribution.pipeline import AttributionInputs
     from das_lightning.models.adapters import PretrainedAdapter
     from das_lightning.queries import build_query_sets
-    from das_lightning.training import load_finished, training_snapshots
 
     adapter = model_adapter(cfg.model)
     train_set = dataset_from_config(cfg, split="train")

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from das_lightning.artifacts import GENERATED_FILE, load_generated_queries
 from das_lightning.data import ImageDataset, TensorImageDataset, stratified_sample
 from das_lightning.errors import ConfigError
 from das_lightning.file_queries import file_queries
 from das_lightning.manifest import hash_file
 from das_lightning.paths import RunPaths
 from das_lightning.seeding import derive_seed
-from das_lightning.training import GENERATED_FILE, load_generated_queries
 
 QUERY_SETS = ("val", "generated", "files")
 

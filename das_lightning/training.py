@@ -15,9 +15,16 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from typing_extensions import override
 
+from das_lightning.artifacts import (
+    DONE_MARKER,
+    GENERATED_FILE,
+    load_finished,
+    regenerate_remedy,
+    require_finished,
+)
 from das_lightning.data import ImageDataset
 from das_lightning.data.datamodule import DiffusionDataModule
 from das_lightning.data.subsets import lds_subset_indices, save_index_list
@@ -34,21 +41,16 @@ from das_lightning.manifest import (
     file_record,
     hash_array,
     hash_file,
-    read_manifest,
     verified_file,
-    verify_file,
 )
-from das_lightning.models.adapters import MeasuredModel, ModelAdapter
-from das_lightning.models.ddpm import DiffusionModule, OptimizerSettings, load_trained_network
+from das_lightning.models.adapters import ModelAdapter
+from das_lightning.models.ddpm import DiffusionModule, OptimizerSettings
 from das_lightning.models.sampling import SamplerSettings, ddim_sample
 from das_lightning.paths import RunPaths
 from das_lightning.seeding import derive_seed
 from das_lightning.viz import image_grid, log_images_to_wandb
 
 log = logging.getLogger(__name__)
-
-DONE_MARKER = "DONE"
-GENERATED_FILE = "generated.safetensors"
 
 
 @dataclass
@@ -165,17 +167,6 @@ class SnapshotCallback(Callback):
         atomic_save(target / "diffusion_pytorch_model.safetensors", lambda tmp: save_file(state, str(tmp)))
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         atomic_write_text(target / "snapshot.json", json.dumps({"step": step, "lr": lr}))
-
-
-def training_snapshots(paths: RunPaths) -> list[tuple[Path, float]]:
-    """(weights file, learning rate) of each TracIn snapshot the run kept, in step order."""
-    return [
-        (
-            folder / "diffusion_pytorch_model.safetensors",
-            float(json.loads((folder / "snapshot.json").read_text())["lr"]),
-        )
-        for folder in sorted(paths.snapshots_dir.glob("step*"))
-    ]
 
 
 class CorruptCheckpointError(CorruptArtifactError):
@@ -374,49 +365,6 @@ def save_finished_model(unet_dir: Path, save: Callable[[str], None], step: int) 
         atomic_write_text(staging / DONE_MARKER, json.dumps({"step": int(step), "files": files}, indent=2))
 
 
-def retrain_remedy(paths: RunPaths) -> str:
-    return (
-        f"delete {paths.unet_dir} and rerun `python train.py` with the same settings "
-        f"(subset {paths.tag}, seed {paths.seed}) to retrain it"
-    )
-
-
-def require_finished(paths: RunPaths) -> None:
-    """A clear error naming the folder when the run has no finished model, or one naming the file when a file of
-    the finished model is missing, truncated or damaged (its size and checksum were sealed in ``DONE``)."""
-    marker = paths.unet_dir / DONE_MARKER
-    if not marker.exists():
-        raise MissingArtifactError(
-            f"no finished model at {paths.unet_dir}: train it first with "
-            f"`python train.py` (same dataset/model/subset/seed settings)"
-        )
-    text = marker.read_text().strip()
-    if (
-        text.isdigit()
-    ):  # sealed by an older version: only the step, no checksums (loading still checks the files)
-        log.warning("%s records no checksums (an older version made it); its files are not verified", marker)
-        return
-    try:
-        sealed = json.loads(text)["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise CorruptArtifactError(f"{marker} is damaged ({error}): {retrain_remedy(paths)}") from error
-    for name, record in sealed.items():
-        verify_file(paths.unet_dir / name, record, retrain_remedy(paths))
-
-
-def load_finished(paths: RunPaths, adapter: ModelAdapter) -> MeasuredModel:
-    """The finished model of a run as ``adapter`` loads and feeds it (latents cached under the experiment's folder);
-    a clear error naming the folder when the run has no finished model."""
-    require_finished(paths)
-    return adapter.load(paths.unet_dir, paths.latents_dir)
-
-
-def load_unet(paths: RunPaths) -> torch.nn.Module:
-    """The trained UNet of a run (safetensors); a clear error naming the folder when it is not there."""
-    require_finished(paths)
-    return load_trained_network(paths.unet_dir)
-
-
 def generate_queries(
     paths: RunPaths, generation: GenerationSettings, adapter: ModelAdapter, class_names: list[str]
 ) -> Path:
@@ -432,7 +380,7 @@ def generate_queries(
     }
     check_or_write_manifest(folder, manifest)
     target = folder / GENERATED_FILE
-    if verified_file(folder, GENERATED_FILE, _regenerate_remedy(paths)) is not None:
+    if verified_file(folder, GENERATED_FILE, regenerate_remedy(paths)) is not None:
         return target
     device = process_device("auto")
     generated = ddim_sample(
@@ -443,35 +391,3 @@ def generate_queries(
     tensors = {"images": generated.images.contiguous(), "labels": generated.labels.contiguous()}
     commit_file(folder, GENERATED_FILE, lambda tmp: save_file(tensors, str(tmp)))
     return target
-
-
-def _regenerate_remedy(paths: RunPaths) -> str:
-    return (
-        f"delete {paths.queries_dir / GENERATED_FILE} and rerun `python train.py` with the same settings to "
-        "regenerate the queries"
-    )
-
-
-def _generated_manifest(paths: RunPaths) -> dict[str, Any]:
-    """The manifest of a run's finished generated queries; a clear error when there are none."""
-    target = paths.queries_dir / GENERATED_FILE
-    manifest = read_manifest(paths.queries_dir)
-    if not target.exists() or manifest is None:
-        raise MissingArtifactError(
-            f"no generated queries at {target}: run `python train.py` with generation on first"
-        )
-    return manifest
-
-
-def load_generated_queries(paths: RunPaths) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """(images in [-1, 1], class labels, class names) of the run's generated queries."""
-    class_names = list(_generated_manifest(paths)["class_names"])
-    verified_file(paths.queries_dir, GENERATED_FILE, _regenerate_remedy(paths))
-    stored = load_file(str(paths.queries_dir / GENERATED_FILE))
-    return stored["images"], stored["labels"], class_names
-
-
-def stored_sampler(paths: RunPaths) -> SamplerSettings:
-    """The sampler settings a run's generated queries were made with (from their manifest)."""
-    manifest = _generated_manifest(paths)
-    return SamplerSettings(**{key: manifest[key] for key in SamplerSettings.__dataclass_fields__})

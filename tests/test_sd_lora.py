@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from das_lightning import cli
+from das_lightning.artifacts import load_generated_queries, load_unet
 from das_lightning.attribution.features import FeatureSettings, collect_features
 from das_lightning.attribution.grads import PerSampleGradients, reference_flat_gradients
 from das_lightning.attribution.pipeline import load_scores
@@ -44,8 +45,6 @@ from das_lightning.training import (
     SubsetSettings,
     TrainerSettings,
     TrainSettings,
-    load_generated_queries,
-    load_unet,
     train_model,
 )
 

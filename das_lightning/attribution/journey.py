@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from das_lightning.artifacts import stored_sampler
 from das_lightning.models.adapters import MeasuredModel
 from das_lightning.models.sampling import conditioning, ddim_sample
 from das_lightning.paths import RunPaths
-from das_lightning.training import stored_sampler
 
 
 def predicted_clean_steps(

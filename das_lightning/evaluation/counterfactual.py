@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from das_lightning.artifacts import load_finished, load_generated_queries, stored_sampler
 from das_lightning.attribution.pipeline import load_scores, scores_at
 from das_lightning.clip import clip_image_embeddings, load_local_clip
 from das_lightning.data import ImageDataset
@@ -22,7 +23,7 @@ from das_lightning.models.adapters import ModelAdapter
 from das_lightning.models.sampling import ddim_sample
 from das_lightning.paths import RunPaths
 from das_lightning.seeding import derive_seed
-from das_lightning.training import SubsetSettings, load_finished, load_generated_queries, stored_sampler
+from das_lightning.training import SubsetSettings
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from das_lightning.artifacts import DONE_MARKER, load_finished, require_finished, retrain_remedy
 from das_lightning.attribution.features import CollectionDevice
 from das_lightning.attribution.pipeline import load_scores
 from das_lightning.data import ImageDataset, content_entry, load_index_record
@@ -51,7 +52,7 @@ from das_lightning.manifest import (
 )
 from das_lightning.models.adapters import ModelAdapter, dataset_extra
 from das_lightning.paths import RunPaths, subset_tag
-from das_lightning.training import DONE_MARKER, SEED_RULE, load_finished, require_finished, retrain_remedy
+from das_lightning.training import SEED_RULE
 
 log = logging.getLogger(__name__)
 

@@ -378,7 +378,7 @@ def load_trained_lora(folder: str | Path) -> TrainedLoRAModel:
 
 
 def load_trained_unet(folder: str | Path) -> torch.nn.Module:
-    """The UNet with its trained adapters (the loader ``training.load_unet`` uses for LoRA runs)."""
+    """The UNet with its trained adapters (the loader ``artifacts.load_unet`` uses for LoRA runs)."""
     return load_trained_lora(folder).parts.unet
 
 
