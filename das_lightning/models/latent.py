@@ -27,6 +27,7 @@ from das_lightning.distributed import process_device
 from das_lightning.manifest import check_or_write_manifest, commit_file, hash_array, verified_file
 from das_lightning.models.adapters import MeasuredModel, ModelAdapter, latent_cache_folder
 from das_lightning.models.ddpm import DiffusionModule, OptimizerSettings, load_trained_network
+from das_lightning.models.pretrained import load_pretrained_component
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,6 @@ def cached_latents(
 def load_vae(pretrained: str, subfolder: str | None = "vae") -> torch.nn.Module:
     """A frozen ``AutoencoderKL`` from a local folder or a cached hub id (offline; clear error when absent)."""
     from diffusers import AutoencoderKL
-
-    from das_lightning.models.sd_lora import load_pretrained_component
 
     return load_pretrained_component(AutoencoderKL, pretrained, subfolder).requires_grad_(False).eval()
 

@@ -14,7 +14,6 @@ differentiated function, which sees only latents and ``encoder_hidden_states``.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,11 +24,12 @@ from safetensors.torch import load_file, save_file
 from typing_extensions import override
 
 from das_lightning.data import ImageDataset
-from das_lightning.errors import ConfigError, MissingArtifactError
+from das_lightning.errors import ConfigError
 from das_lightning.manifest import atomic_save, atomic_write_text
 from das_lightning.models.adapters import MeasuredModel, ModelAdapter
 from das_lightning.models.ddpm import DiffusionModule, OptimizerSettings, write_trained_loader
 from das_lightning.models.latent import LatentEncoder, encode_latents
+from das_lightning.models.pretrained import PretrainedModelNotFoundError, load_pretrained_component
 
 PROMPT_TEMPLATE = "a {style} painting"
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
@@ -37,10 +37,6 @@ LORA_PARAMETER_PATTERN = "lora_"  # regex selecting the adapter weights (PerSamp
 LORA_WEIGHTS_NAME = "lora_weights.safetensors"
 LORA_SETTINGS_NAME = "lora.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class PretrainedModelNotFoundError(MissingArtifactError):
-    """A pretrained pipeline is neither a local folder nor in the local Hugging Face cache."""
 
 
 @dataclass
@@ -64,29 +60,6 @@ class LoRASettings:
     alpha: float | None = None
     target_modules: tuple[str, ...] = LORA_TARGET_MODULES
     dropout: float = 0.0
-
-
-def load_pretrained_component(loader: Any, pretrained: str, subfolder: str | None) -> Any:
-    """``loader.from_pretrained`` of one pipeline component (a local folder or a hub id already in the local
-    Hugging Face cache), never downloading; one clear error naming the model and how to fetch it otherwise."""
-    local = Path(pretrained).expanduser()
-    source = str(local) if local.is_dir() else pretrained
-    options = {"subfolder": subfolder} if subfolder else {}
-    try:
-        return loader.from_pretrained(source, local_files_only=True, **options)
-    except (OSError, ValueError) as error:
-        if local.is_dir():
-            raise PretrainedModelNotFoundError(
-                f"{local} holds no readable '{subfolder or '.'}' component of a diffusers pipeline ({error})"
-            ) from error
-        cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
-        raise PretrainedModelNotFoundError(
-            f"the pretrained model {pretrained!r} is not in the local Hugging Face cache ({cache}), and "
-            f"das-lightning never downloads weights. Fetch it once with `huggingface-cli download {pretrained}` "
-            f"(or `hf download {pretrained}`) on a machine with network access, or set model.pretrained to a "
-            "local folder holding a diffusers pipeline (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
-            "scheduler/)."
-        ) from error
 
 
 def load_stable_diffusion(pretrained: str, unet: bool = True) -> StableDiffusionParts:
@@ -407,3 +380,9 @@ class LoRAAdapter(ModelAdapter):
             decode=encoder.decode,
             num_classes=len(trained.class_names),
         )
+
+
+__all__ = [
+    "PretrainedModelNotFoundError",
+    "load_pretrained_component",
+]  # re-exported: their home is models/pretrained.py
