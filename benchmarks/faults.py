@@ -72,10 +72,18 @@ LDS = [
     "methods=[das]",
     "pairs=[]",
 ]
+COUNTERFACTUAL = [
+    *LDS,
+    "mode=counterfactual",
+    "counterfactual.num_queries=1",
+    "counterfactual.remove_top=5",
+    "counterfactual.clip_model=no-such-org/no-clip",  # no local CLIP: L2 distances only
+]
 COMMANDS = {
     "train": ("train.py", TRAIN),
     "attribute": ("attribute.py", ATTRIBUTE),
     "evaluate": ("evaluate_lds.py", LDS),
+    "counterfactual": ("evaluate_lds.py", COUNTERFACTUAL),  # mode=counterfactual
 }
 
 
@@ -173,7 +181,20 @@ def same_lds(root: Path, reference: Path) -> bool:
     return records(root) == records(reference)
 
 
-SAME = {"train": same_model, "attribute": same_attribution, "evaluate": same_lds}
+def same_counterfactual(root: Path, reference: Path) -> bool:
+    def distances(base: Path) -> dict:
+        result = json.loads((base / "fashion2" / "tiny" / "lds" / "counterfactual_das.json").read_text())
+        return {key: [round(float(v), 6) for v in result[key]] for key in ("l2_top", "l2_random")}
+
+    return distances(root) == distances(reference)
+
+
+SAME = {
+    "train": same_model,
+    "attribute": same_attribution,
+    "evaluate": same_lds,
+    "counterfactual": same_counterfactual,
+}
 
 
 @dataclass
@@ -203,6 +224,20 @@ def ground_truth_started(root: Path, elapsed: float) -> bool:
     """Some subset models' ground truth is cached, not all of them."""
     caches = list((root / "fashion2" / "tiny" / "lds" / "ground_truth").glob("*/*/losses.safetensors"))
     return 1 <= len(caches) < 6
+
+
+def counterfactual_retraining(root: Path, elapsed: float) -> bool:
+    """A counterfactual retraining has started (its run manifest is written) and the result is not there yet."""
+    tiny = root / "fashion2" / "tiny"
+    started = any(tiny.glob("cf-das-*/seed0/manifest.json"))
+    return started and not (tiny / "lds" / "counterfactual_das.json").exists()
+
+
+def without_counterfactual(root: Path) -> None:
+    tiny = root / "fashion2" / "tiny"
+    for folder in tiny.glob("cf-das-*"):
+        shutil.rmtree(folder)
+    (tiny / "lds" / "counterfactual_das.json").unlink()
 
 
 def after(seconds: float) -> Callable[[Path, float], bool]:
@@ -276,6 +311,9 @@ SCENARIOS = [
     Scenario("kill -9 in ground truth", "lds/ground_truth", "kill -9 once 1-5 of 6 caches are written",
              "evaluate", lambda root: shutil.rmtree(root / "fashion2" / "tiny" / "lds"),
              kill_after=ground_truth_started),
+    Scenario("kill -9 in the counterfactual", "cf-das-*, counterfactual_das.json",
+             "kill -9 once a retraining has started", "counterfactual", without_counterfactual,
+             kill_after=counterfactual_retraining),
     Scenario("full disk", "scores, grid, report", "RLIMIT_FSIZE = 8 KiB per file", "attribute",
              without_features, limit_file_size=8192),
 ]  # fmt: skip
@@ -397,6 +435,7 @@ def prepare(root: Path) -> None:
         ("train", ("-m", "subset=lds", "subset.index=0,1,2", "train.max_steps=4")),
         ("attribute", ()),
         ("evaluate", ()),
+        ("counterfactual", ()),
     ]
     for stage, extra in steps:
         result = run(root, stage, *extra)
