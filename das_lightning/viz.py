@@ -168,7 +168,7 @@ def attribution_grid(
     return canvas
 
 
-def _active_run(logger_or_run: Any) -> Any:
+def active_run(logger_or_run: Any) -> Any:
     """The W&B run behind a Lightning WandbLogger, a run, or None (the global run, if any)."""
     if logger_or_run is not None:
         # Lightning's WandbLogger exposes the run as .experiment; a run logs with .log (other loggers do not)
@@ -185,7 +185,7 @@ def log_images_to_wandb(
     logger_or_run: Any, key: str, pil_image: Image.Image, caption: str | None = None
 ) -> bool:
     """Log one image under ``key``; returns whether anything was logged (False without wandb or a run)."""
-    run = _active_run(logger_or_run)
+    run = active_run(logger_or_run)
     if run is None:
         return False
     try:
@@ -199,7 +199,7 @@ def log_images_to_wandb(
 def log_table(logger_or_run: Any, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> bool:
     """Log a table (e.g. one row per query with its top proponents); PIL images in a row become image cells.
     Returns whether anything was logged."""
-    run = _active_run(logger_or_run)
+    run = active_run(logger_or_run)
     if run is None:
         return False
     try:

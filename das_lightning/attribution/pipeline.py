@@ -44,7 +44,7 @@ from das_lightning.manifest import (
     write_manifest,
 )
 from das_lightning.report import write_report
-from das_lightning.viz import attribution_grid, image_grid, log_images_to_wandb, log_table
+from das_lightning.viz import active_run, attribution_grid, image_grid, log_images_to_wandb, log_table
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,9 @@ def _log_pictures(
     folder: Path, logger: Any, method: str, query_set: str, queries: ImageDataset, train_set: ImageDataset
 ) -> None:
     """The grid, and a W&B table of one row per query: its image, then its top-5 proponents and opponents as
-    image strips with their indices (first 100 queries). Nothing is logged without an active W&B run."""
+    image strips with their indices (first 100 queries). Nothing is logged, or drawn, without an active W&B run."""
+    if active_run(logger) is None:
+        return
     with Image.open(folder / "grid.png") as grid:
         log_images_to_wandb(
             logger,

@@ -68,13 +68,3 @@ class Method:
     def headers(self) -> tuple[str, str, str]:
         """Column titles of the pictures: query, highest scores, lowest scores."""
         return ("query", "proponents", "opponents")
-
-
-def validate_similarity(settings: MethodSettings) -> None:
-    if settings.similarity not in SIMILARITIES:
-        raise ConfigError(
-            f"method.similarity must be one of {sorted(SIMILARITIES)}, not {settings.similarity!r}"
-        )
-
-
-SIMILARITIES = ("cosine", "dot")

@@ -8,18 +8,27 @@ import numpy as np
 
 from das_lightning.attribution import scores as scoring
 from das_lightning.attribution.context import ScoringContext, flat_pixels
-from das_lightning.attribution.methods.base import Method, register, validate_similarity
+from das_lightning.attribution.methods.base import Method, register
 from das_lightning.clip import clip_embeddings, load_local_clip
+from das_lightning.errors import ConfigError
+
+SIMILARITIES: dict[str, Callable[..., np.ndarray]] = {
+    "cosine": scoring.cosine_scores,
+    "dot": scoring.dot_scores,
+}
 
 
 class SimilarityMethod(Method):
     """Scores are similarities (``method.similarity``: cosine or dot); no lambda."""
 
     def validate(self) -> None:
-        validate_similarity(self.settings)
+        if self.settings.similarity not in SIMILARITIES:
+            raise ConfigError(
+                f"method.similarity must be one of {sorted(SIMILARITIES)}, not {self.settings.similarity!r}"
+            )
 
     def similarity(self) -> Callable[..., np.ndarray]:
-        return scoring.cosine_scores if self.settings.similarity == "cosine" else scoring.dot_scores
+        return SIMILARITIES[self.settings.similarity]
 
 
 @register("grad_cos")
