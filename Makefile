@@ -7,7 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 # what a GPU machine without network needs beside its own torch/lightning/transformers/peft (pure Python wheels)
-GPU_WHEELS := diffusers importlib_metadata 'hydra-core>=1.3,<1.4' 'omegaconf>=2.3,<2.4' antlr4-python3-runtime==4.9.3 traker
+# EK-FAC influence; --no-deps: its metadata asks for torchvision, unused, which breaks lightning beside a CPU torch
+KRONFLUENCE := 'kronfluence==1.0.1'
+GPU_WHEELS := diffusers importlib_metadata 'hydra-core>=1.3,<1.4' 'omegaconf>=2.3,<2.4' antlr4-python3-runtime==4.9.3 traker einops einconv opt-einsum accelerate $(KRONFLUENCE)
 
 .PHONY: demo test lint bench-features bench-lds gpu-check gpu-wheels clean
 
@@ -15,6 +17,7 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps $(KRONFLUENCE)
 	touch $(STAMP)
 
 # the published recipe's projector (TRAK, PyPI traker: pure Python; its torch requirement is met by ours)

@@ -23,7 +23,7 @@ class MethodSettings:
     lambda_scales: list[float] | None = field(default_factory=default_scale_grid)  # None: the default grid
     lambda_scale: float = DEFAULT_LAMBDA_SCALE  # c for pictures and top-k until an LDS has selected one
     leverage: bool = True  # DAS: 1 / (1 - h_ii)
-    square: bool = True  # DAS: squared change of the output
+    square: bool = True  # DAS: squared change of the output; other kernel methods: the *_squared variants
     residual: str = "normalized"  # DAS: none | normalized (authors' r_i) | magnitude | exact
     residual_timesteps: int = 50  # DAS residual: per-timestep losses on a uniform grid of this many timesteps
     similarity: str = "cosine"  # pixel / clip / grad_cos: dot or cosine
@@ -34,6 +34,10 @@ class MethodSettings:
     top_k: int = 8
     num_grid_queries: int = 8
     block_size: int = 1024
+    # EK-FAC influence (method=ekfac, ekfac_das; kronfluence): what is measured on a query, and the curvature
+    measurement: str = "loss"  # loss | mean | square_norm (output functions of attribution/outputs.py)
+    ekfac_strategy: str = "ekfac"  # ekfac | kfac | diagonal | identity (kronfluence's strategies)
+    ekfac_fisher: str = "sampled"  # sampled (targets drawn from the model: Gauss-Newton) | empirical
 
     def __post_init__(self) -> None:
         if isinstance(self.residual, bool):  # residual: true/false in older configs
