@@ -55,13 +55,21 @@ def test_an_entry_refuses_its_own_bad_settings_when_built(
         build_method(settings)
 
 
-def test_squared_dtrak_is_dtrak_squared_and_ranks_by_size() -> None:
-    from das_lightning.attribution.methods.squared import Squared
-    from das_lightning.attribution.scores import InnerProduct, kernel_scores
+@pytest.mark.parametrize("signed", ["trak", "dtrak", "relatif"])
+def test_a_squared_variant_is_its_method_squared_on_the_same_features(signed: str) -> None:
+    from das_lightning.attribution.scores import kernel_scores
+
+    plain_settings = cli.method_settings(compose("attribute", [f"method={signed}"]))
+    squared_settings = cli.method_settings(compose("attribute", [f"method={signed}_squared"]))
+    # the same registered kind and the same feature store: only the readout differs
+    assert squared_settings.kind == plain_settings.kind and squared_settings.features == plain_settings.features
+    assert squared_settings.square and not plain_settings.square
+    plain_entry, squared_entry = build_method(plain_settings), build_method(squared_settings)
+    assert squared_entry.headers()[1] == "largest change" and plain_entry.headers()[1] == "proponents"
 
     rng = np.random.default_rng(0)
     queries, train = rng.normal(size=(4, 6)), rng.normal(size=(20, 6))
-    plain = kernel_scores(queries, train, [0.3], InnerProduct())[0.3]
-    squared = kernel_scores(queries, train, [0.3], Squared(InnerProduct()))[0.3]
+    plain = kernel_scores(queries, train, [0.3], plain_entry.readout(None))[0.3]
+    squared = kernel_scores(queries, train, [0.3], squared_entry.readout(None))[0.3]
     np.testing.assert_allclose(squared, plain.astype(np.float64) ** 2, rtol=1e-6)
     assert (plain < 0).any()  # so the square does change the ranking here

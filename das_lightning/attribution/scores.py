@@ -269,6 +269,22 @@ class RelativeInfluence(Readout):
         return torch.where(self_influence > 0, terms.similarity * terms.inverse_scale / safe, 0.0)
 
 
+class Squared(Readout):
+    """Another readout's score, squared: ranks by the size of the change, not its sign (``method.square=true`` on a
+    kernel method other than DAS, which squares inside its own readout)."""
+
+    def __init__(self, inner: Readout) -> None:
+        self.inner = inner
+        self.needs_leverage = inner.needs_leverage
+        self.uses_psi = inner.uses_psi
+
+    def check(self, num_train: int) -> None:
+        self.inner.check(num_train)
+
+    def __call__(self, terms: BlockTerms) -> torch.Tensor:
+        return self.inner(terms).square()
+
+
 class DASReadout(Readout):
     """DAS: (phi_q^T (K + lambda I)^-1 phi_i * r_i / (1 - h_ii))^2, or with ``exact`` the Sherman-Morrison form.
 

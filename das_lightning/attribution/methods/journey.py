@@ -51,6 +51,6 @@ class JourneyTRAK(KernelMethod):
         return context.by_scale(
             solver,
             lambda lambdas: scoring.kernel_scores(
-                queries, train, lambdas, scoring.InnerProduct(), solver=solver, block_size=settings.block_size
+                queries, train, lambdas, self.readout(context), solver=solver, block_size=settings.block_size
             ),
         )

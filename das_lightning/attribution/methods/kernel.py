@@ -22,13 +22,28 @@ from das_lightning.models.adapters import dataset_extra
 
 
 class KernelMethod(Method):
-    """phi_q^T (K + lambda I)^-1 phi_i, finished by :meth:`readout`, on the lambda grid."""
+    """phi_q^T (K + lambda I)^-1 phi_i, finished by :meth:`readout`, on the lambda grid.
+
+    ``method.square=true`` squares the readout (the *_squared variants: trak_squared, dtrak_squared,
+    relatif_squared): SNR-LDS measured that squaring raises a kernel method's LDS, so this separates what DAS's
+    square contributes from what its features, leverage and residual do."""
 
     has_lambda = True
     normalized_rows = False  # renormalized influence: unit rows for the kernel and the queries
 
-    def readout(self, context: ScoringContext) -> scoring.Readout:
+    def signed_readout(self, context: ScoringContext) -> scoring.Readout:
+        """The method's score before ``method.square``."""
         return scoring.InnerProduct()
+
+    def readout(self, context: ScoringContext) -> scoring.Readout:
+        signed = self.signed_readout(context)
+        return scoring.Squared(signed) if self.settings.square else signed
+
+    def headers(self) -> tuple[str, str, str]:
+        """A squared score ranks by the size of a change, not its sign."""
+        if self.settings.square:
+            return ("query", "largest change", "smallest change")
+        return super().headers()
 
     def train_psi(self, context: ScoringContext) -> Any:
         return None
@@ -70,7 +85,7 @@ class DTRAK(KernelMethod):
 class RelatIF(KernelMethod):
     """Relative influence: TRAK / sqrt(phi_i^T (K + lambda I)^-1 phi_i)."""
 
-    def readout(self, context: ScoringContext) -> scoring.Readout:
+    def signed_readout(self, context: ScoringContext) -> scoring.Readout:
         return scoring.RelativeInfluence()
 
 
@@ -111,6 +126,7 @@ class DAS(KernelMethod):
             )
 
     def readout(self, context: ScoringContext) -> scoring.Readout:
+        """DAS squares inside its own readout (the exact residual squares the whole Sherman-Morrison change)."""
         settings = self.settings
         residuals = None
         if settings.residual in RESIDUAL_WEIGHTS:
@@ -130,12 +146,6 @@ class DAS(KernelMethod):
         if self.settings.residual != "exact":
             return None
         return _Negated(context.train_store(psi_settings(self.settings.features)).features)
-
-    def headers(self) -> tuple[str, str, str]:
-        """A squared score ranks by the size of a change, not its sign."""
-        if self.settings.square:
-            return ("query", "largest change", "smallest change")
-        return super().headers()
 
 
 def das_residual_losses(
