@@ -4,6 +4,7 @@ them through here, checked against what was sealed or recorded."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from das_lightning.errors import MissingArtifactError
+from das_lightning.errors import ConfigError, MissingArtifactError
 from das_lightning.manifest import CorruptArtifactError, read_manifest, verified_file, verify_file
 from das_lightning.models.adapters import MeasuredModel, ModelAdapter
 from das_lightning.models.ddpm import load_trained_network
@@ -34,6 +35,18 @@ def training_snapshots(paths: RunPaths) -> list[tuple[Path, float]]:
         )
         for folder in sorted(paths.snapshots_dir.glob("step*"))
     ]
+
+
+def network_with_snapshot(network: torch.nn.Module, weights_file: Path) -> torch.nn.Module:
+    """A copy of ``network`` with a snapshot's weights (all of them, or a LoRA run's adapters); every snapshot
+    tensor must land on a parameter of the network."""
+    clone = copy.deepcopy(network)
+    result = clone.load_state_dict(load_file(str(weights_file)), strict=False)
+    if result.unexpected_keys:
+        raise ConfigError(
+            f"snapshot {weights_file} does not fit the model: unexpected {result.unexpected_keys[:5]}"
+        )
+    return clone
 
 
 def retrain_remedy(paths: RunPaths) -> str:

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
@@ -374,15 +375,21 @@ def run_train(cfg: DictConfig) -> RunPaths:
 
 def run_attribute(cfg: DictConfig):
     """attribute.py: features, then scores of one method for every query set."""
+    from das_lightning.attribution.ensemble import EnsembleSettings, ensemble_members
     from das_lightning.attribution.pipeline import attribute, validate_method
 
     method = method_settings(cfg)
-    validate_method(method)  # before the model is loaded or any feature is computed
+    ensemble = EnsembleSettings(**to_plain(cfg.ensemble)) if cfg.get("ensemble") else EnsembleSettings()
+    ensemble.validate()
+    validate_method(method, ensemble.active)  # before the model is loaded or any feature is computed
+    if ensemble.active:  # the ensemble's scores are a method of their own in the score folders and the LDS
+        method = replace(method, name=ensemble.scores_name(method.name))
     paths = run_paths(cfg)
     inputs = attribution_inputs(cfg, paths, method)
+    members = ensemble_members(inputs, paths, ensemble, model_adapter(cfg.model)) if ensemble.active else None
     logger = make_logger(cfg, paths.scores_dir, name=f"attribute/{method.name}", job_type="attribute")
     try:
-        result = attribute(inputs, method, collection_device(cfg), logger)
+        result = attribute(inputs, method, collection_device(cfg), logger, members)
     finally:
         close_logger(logger)
     if is_global_zero():

@@ -38,6 +38,10 @@ class AttributionInputs:
     snapshots: list[tuple[Path, float]] = field(default_factory=list)  # (weights file, lr) for TracIn
     journey: dict[str, list[tuple[int, torch.Tensor]]] = field(default_factory=dict)  # set -> [(t, x0_hat)]
     lds_file: Path | None = None  # lds.json of this model: its held-out lambda selection feeds the pictures
+    member: str | None = None  # an ensemble member's name (seed<r> or step<N>); None outside ensembles
+    queries_of: str | None = (
+        None  # another run's generated queries (an ensemble member's): their own store key
+    )
 
 
 def flat_pixels(dataset: ImageDataset) -> np.ndarray:
@@ -90,6 +94,8 @@ class ScoringContext:
         dataset = self.inputs.query_sets[query_set]
         # file queries: one store per content, so a changed file is featurised afresh, never matched to old rows
         key = f"{query_set}-{dataset.content_id}" if isinstance(dataset, FileQueryDataset) else query_set
+        if self.inputs.queries_of is not None and query_set == "generated":
+            key = f"generated-of-{self.inputs.queries_of}"  # not this model's own generated images
         return self.feature_store(self.method.features, dataset, key)
 
     def solver(self, normalized: bool = False) -> scoring.KernelSolver:

@@ -24,6 +24,7 @@ from PIL import Image
 
 from das_lightning.attribution import scores as scoring
 from das_lightning.attribution.context import AttributionInputs, ScoringContext
+from das_lightning.attribution.ensemble import average_scores, check_method, member_record
 from das_lightning.attribution.features import CollectionDevice
 from das_lightning.attribution.methods import Method, build_method
 from das_lightning.attribution.settings import MethodSettings
@@ -65,18 +66,24 @@ def attribute(
     method: MethodSettings,
     device: CollectionDevice = CollectionDevice(),
     logger: Any = None,
+    members: list[AttributionInputs] | None = None,
 ) -> AttributionResult:
     """Scores of ``method`` for each query set against the training set, with top-k lists and grids.
 
+    ``members`` (an ensemble, see :mod:`das_lightning.attribution.ensemble`): each member scores with its own model,
+    features and kernel, and the scores written under ``method.name`` are the members' mean at each c.
+
     Under DDP every rank runs this: feature collection is collective, so each rank takes part in every set's
     collection, and only global rank zero writes the score folders (the others return the same folder paths)."""
-    entry = build_method(method)
+    entry = validate_method(method, ensemble=bool(members))
     entry.check_available()  # fail before anything is written
-    context = ScoringContext(inputs, method, device, logger)
+    contexts = [ScoringContext(member, method, device, logger) for member in members or [inputs]]
+    context = contexts[0]
     folders: dict[str, Path] = {}
     chosen: dict[str, ChosenScale | None] = {}
     for query_set, queries in inputs.query_sets.items():
-        by_scale = entry.scores(context, query_set)
+        per_member = [entry.scores(member, query_set) for member in contexts]
+        by_scale = per_member[0] if len(per_member) == 1 else average_scores(per_member)
         scales = sorted(by_scale, key=lambda c: -1.0 if c is None else c)
         stacked = np.stack([by_scale[c] for c in scales]).astype(np.float32)  # lambdas x queries x train
         if not np.all(np.isfinite(stacked)):
@@ -100,6 +107,11 @@ def attribute(
             if has_lambda
             else {"lambda_scales": None, "lambda_unit": None, "lambdas": None}
         )
+        if members:
+            lambda_info["ensemble"] = [
+                {**member_record(member.inputs), "lambda_unit": member.cache.get("lambda_unit")}
+                for member in contexts
+            ]
         folder = inputs.scores_dir / method.name / query_set
         folders[query_set] = folder
         if is_global_zero():
@@ -108,9 +120,13 @@ def attribute(
     return AttributionResult(method.name, folders, chosen)
 
 
-def validate_method(method: MethodSettings) -> None:
-    """Every check of a method's settings, before any work (the CLI calls it before loading the model)."""
-    build_method(method)
+def validate_method(method: MethodSettings, ensemble: bool = False) -> Method:
+    """Every check of a method's settings, before any work (the CLI calls it before loading the model); with
+    ``ensemble``, also that the method's scores can be averaged over models. Returns the built entry."""
+    entry = build_method(method)
+    if ensemble:
+        check_method(method.name, entry.needs_features, entry.needs_snapshots, entry.needs_journey)
+    return entry
 
 
 def score_manifest(

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict
 
 import numpy as np
-import torch
-from safetensors.torch import load_file
 
+from das_lightning.artifacts import network_with_snapshot
 from das_lightning.attribution import scores as scoring
 from das_lightning.attribution.context import ScoringContext
 from das_lightning.attribution.features import FeatureSettings
 from das_lightning.attribution.methods.base import Method, register
-from das_lightning.errors import ConfigError, MissingArtifactError
+from das_lightning.errors import MissingArtifactError
 
 
 @register("tracin")
@@ -28,7 +26,7 @@ class TracIn(Method):
             )
         terms = []
         for weights_file, lr in inputs.snapshots:
-            unet = copy_with_weights(inputs.model.network, load_file(str(weights_file)))
+            unet = network_with_snapshot(inputs.model.network, weights_file)
             features = FeatureSettings(
                 **{
                     **asdict(settings.features),
@@ -41,13 +39,3 @@ class TracIn(Method):
             )
             terms.append((lr, queries.features, train.features))
         return {None: scoring.tracin_scores(terms, block_size=settings.block_size)}
-
-
-def copy_with_weights(unet: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A copy of ``unet`` with a snapshot's weights (all of them, or a LoRA run's adapters); every snapshot
-    tensor must land on a parameter of the UNet."""
-    clone = copy.deepcopy(unet)
-    result = clone.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise ConfigError(f"snapshot weights do not fit the model: unexpected {result.unexpected_keys[:5]}")
-    return clone
