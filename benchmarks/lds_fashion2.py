@@ -2,13 +2,15 @@
 
     python benchmarks/lds_fashion2.py [--root outputs/bench] [--subsets 32] [--workers 2]
 
-Stages (each a normal command, so a failed or interrupted run resumes where it stopped): train the full model,
-train the subset models (Hydra multiruns in ``--workers`` parallel single-thread processes: on 2 cores two
-one-thread workers train about five times faster than one default-thread process beside other work), attribute
-with every method, evaluate. Subset models of one seed share it (METHOD.md §3); lambda is on the features' own
-scale (das_lightning/lambdas.py). Writes benchmarks/results/lds_fashion2.json (records + paired differences +
-machine, date, stage times) and benchmarks/results/lds_fashion2.md. The table of the first protocol (own seed per
-subset model, absolute lambda grid) is kept as lds_fashion2_v1_own_seeds_absolute_grid.{json,md}.
+Stages (each a normal command, so a failed or interrupted run resumes where it stopped): train the full models
+(seed 0, the primary, and seeds 1-3 for the ensembles; snapshots every 125 steps for the checkpoint ensemble), train
+the subset models (Hydra multiruns in ``--workers`` parallel single-thread processes: on 2 cores two one-thread
+workers train about five times faster than one default-thread process beside other work), attribute with every
+method and ensemble, evaluate. Subset models of one seed share it (METHOD.md §3); lambda (and EK-FAC's damping) is on
+the features' own scale (das_lightning/lambdas.py). Writes benchmarks/results/lds_fashion2.json (records + paired
+differences + machine, date, stage times), benchmarks/results/lds_fashion2.md and the LDS-vs-number-of-models plot
+benchmarks/results/lds_vs_models.png. The table of the first protocol (own seed per subset model, absolute lambda
+grid) is kept as lds_fashion2_v1_own_seeds_absolute_grid.{json,md}.
 """
 
 from __future__ import annotations
@@ -25,18 +27,43 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-METHODS = [
-    "das",
-    "das_plain",
-    "das_noleverage",
-    "das_magnitude",
-    "das_exact",
-    "dtrak",
-    "trak",
-    "relatif",
-    "grad_cos",
-    "pixel",
-]
+FULL_SEEDS = [0, 1, 2, 3]  # seed 0 is the primary model (its generated images are the queries)
+SNAPSHOT_EVERY = 125  # of 500 steps: the checkpoint ensemble's members
+ENSEMBLE_SIZES = [1, 2, 4]
+# score-folder name -> attribute.py overrides (ensembles average the members' scores at each c)
+ATTRIBUTIONS: dict[str, list[str]] = {
+    **{
+        name: [f"method={name}"]
+        for name in (
+            "das",
+            "das_plain",
+            "das_noleverage",
+            "das_magnitude",
+            "das_exact",
+            "dtrak",
+            "trak",
+            "relatif",
+            "trak_squared",
+            "dtrak_squared",
+            "relatif_squared",
+            "ekfac",
+            "ekfac_squared",
+            "ekfac_das",
+            "grad_cos",
+            "pixel",
+        )
+    },
+    **{
+        f"{method}_seeds{'-'.join(map(str, FULL_SEEDS[:size]))}": [
+            f"method={method}",
+            f"ensemble.seeds=[{','.join(map(str, FULL_SEEDS[:size]))}]",
+        ]
+        for method in ("das", "dtrak")
+        for size in ENSEMBLE_SIZES[1:]
+    },
+    "das_steps125-250-375-500": ["method=das", "ensemble.checkpoints=[125,250,375,500]"],
+}
+METHODS = list(ATTRIBUTIONS)
 
 
 def cpu_model() -> str:
@@ -85,7 +112,12 @@ def main() -> None:
     ]
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    run("train full model", ["train.py", *common], timings)
+    for seed in FULL_SEEDS:
+        run(
+            f"train full model seed {seed}",
+            ["train.py", *common, f"seed={seed}", f"train.snapshot_every_n_steps={SNAPSHOT_EVERY}"],
+            timings,
+        )
     chunks = [list(range(args.subsets))[w :: args.workers] for w in range(args.workers)]
     run_parallel(
         "train subset models",
@@ -96,8 +128,8 @@ def main() -> None:
         ],
         timings,
     )
-    for method in METHODS:
-        run(f"attribute {method}", ["attribute.py", *common, f"method={method}"], timings)
+    for name, overrides in ATTRIBUTIONS.items():
+        run(f"attribute {name}", ["attribute.py", *common, *overrides], timings)
     run(
         "evaluate",
         ["evaluate_lds.py", *common, f"lds.num_subsets={args.subsets}", f"methods=[{','.join(METHODS)}]"],
@@ -126,7 +158,50 @@ def main() -> None:
         f"{document['benchmark']['machine']['cores']} cores, {total / 60:.0f} min end to end\n\n"
     )
     (RESULTS / "lds_fashion2.md").write_text(header + table)
+    plot_lds_vs_models(document["records"], RESULTS / "lds_vs_models.png")
     print(header + table)
+
+
+def plot_lds_vs_models(records: list[dict], target: Path) -> None:
+    """LDS (held-out lambda, 95% CI) of DAS and D-TRAK against the number of full models averaged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    query_sets = sorted({record["query_set"] for record in records}, reverse=True)
+    figure, axes = plt.subplots(1, len(query_sets), figsize=(4.5 * len(query_sets), 3.6), squeeze=False)
+    for axis, query_set in zip(axes[0], query_sets, strict=True):
+        for method in ("das", "dtrak"):
+            points = []
+            for size in ENSEMBLE_SIZES:
+                name = method if size == 1 else f"{method}_seeds{'-'.join(map(str, FULL_SEEDS[:size]))}"
+                found = [
+                    r
+                    for r in records
+                    if r["method"] == name
+                    and r["query_set"] == query_set
+                    and r["lambda_selection"] == "heldout"
+                ]
+                if found:
+                    points.append((size, found[0]["lds"], found[0]["ci_low"], found[0]["ci_high"]))
+            if points:
+                sizes, lds, low, high = (list(column) for column in zip(*points, strict=True))
+                errors = [
+                    [v - lo for v, lo in zip(lds, low, strict=True)],
+                    [hi - v for v, hi in zip(lds, high, strict=True)],
+                ]
+                axis.errorbar(sizes, lds, yerr=errors, marker="o", capsize=3, label=method)
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(ENSEMBLE_SIZES, [str(size) for size in ENSEMBLE_SIZES])
+        axis.set_xlabel("full models averaged (seeds)")
+        axis.set_ylabel("LDS (%), held-out lambda")
+        axis.set_title(f"fashion2, {query_set} queries")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(target, dpi=120)
+    plt.close(figure)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ def test_every_method_yaml_builds_its_registered_entry(name: str) -> None:
     settings = cli.method_settings(compose("attribute", [f"method={name}"]))
     entry = build_method(settings)
     assert settings.name == name and isinstance(entry, METHODS[settings.kind])
-    # what the entry declares agrees with its settings: kernel methods have a lambda grid, the rest none
-    assert entry.has_lambda == isinstance(entry, KernelMethod)
+    # what the entry declares agrees with its settings: kernel methods (and EK-FAC's damping) have a lambda grid
+    assert entry.has_lambda or not isinstance(entry, KernelMethod)
     assert bool(settings.lambda_scales) == entry.has_lambda, "lambda_scales: [] for methods without lambda"
     assert (settings.features is not None) or not entry.needs_features
 
@@ -62,7 +62,9 @@ def test_a_squared_variant_is_its_method_squared_on_the_same_features(signed: st
     plain_settings = cli.method_settings(compose("attribute", [f"method={signed}"]))
     squared_settings = cli.method_settings(compose("attribute", [f"method={signed}_squared"]))
     # the same registered kind and the same feature store: only the readout differs
-    assert squared_settings.kind == plain_settings.kind and squared_settings.features == plain_settings.features
+    assert (
+        squared_settings.kind == plain_settings.kind and squared_settings.features == plain_settings.features
+    )
     assert squared_settings.square and not plain_settings.square
     plain_entry, squared_entry = build_method(plain_settings), build_method(squared_settings)
     assert squared_entry.headers()[1] == "largest change" and plain_entry.headers()[1] == "proponents"
