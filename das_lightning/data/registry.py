@@ -126,6 +126,19 @@ def resolve_classes(requested: Sequence[str | int], available: Sequence[str], da
     return resolved
 
 
+@dataclass(frozen=True)
+class LoadRequest:
+    """What a registry entry's loader is asked for: one split of one named dataset, read from ``root``."""
+
+    name: str  # the entry's name (cifar2, artbench5, ...): error messages and set names
+    split: str
+    root: Path
+    image_size: int
+    classes: Sequence[str | int] | None  # the user's class selection (None: the entry's default)
+    default_classes: Sequence[str | int] | None  # the entry's own selection (None: every class)
+    download: bool
+
+
 def _class_selection(
     classes: Sequence[str | int] | None,
     default_classes: Sequence[str | int] | None,
@@ -150,16 +163,10 @@ def _class_tag(selected: Sequence[int], default: Sequence[int], names: Sequence[
 
 
 def _select_in_memory(
-    set_prefix: str,
-    split: str,
-    images: np.ndarray,
-    labels: np.ndarray,
-    class_names: Sequence[str],
-    selected: Sequence[int],
-    default: Sequence[int],
-    image_size: int,
+    request: LoadRequest, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str]
 ) -> TensorImageDataset:
-    """Keep the selected classes (labels remapped to their order in ``selected``) and build the dataset."""
+    """Keep the selected classes (labels remapped to their order in the selection) and build the dataset."""
+    selected, default = _class_selection(request.classes, request.default_classes, class_names, request.name)
     remap = np.full(len(class_names), -1, dtype=np.int64)
     remap[list(selected)] = np.arange(len(selected))
     new_labels = remap[labels.astype(np.int64)]
@@ -167,27 +174,18 @@ def _select_in_memory(
     pixels = torch.from_numpy(np.ascontiguousarray(images[keep]))
     if pixels.dim() == 3:  # grey images (N, H, W) gain their channel axis
         pixels = pixels.unsqueeze(1)
-    set_name = f"{set_prefix}{_class_tag(selected, default, class_names)}:{split}"
+    set_name = f"{request.name}{_class_tag(selected, default, class_names)}:{request.split}"
     return TensorImageDataset(
-        set_name, pixels, new_labels[keep], [class_names[i] for i in selected], image_size
+        set_name, pixels, new_labels[keep], [class_names[i] for i in selected], request.image_size
     )
 
 
-def _load_fashion2(
-    name: str,
-    split: str,
-    root: Path,
-    image_size: int,
-    classes: Sequence[str | int] | None,
-    default_classes: Sequence[str | int] | None,
-    download: bool,
-) -> ImageDataset:
+def _load_fashion2(request: LoadRequest) -> ImageDataset:
     """The embedded Sneaker-vs-Bag set; ``root`` and ``download`` are ignored (it ships with the package)."""
     with np.load(FASHION2_ASSET, allow_pickle=False) as archive:
-        images, labels = archive[f"{split}_images"], archive[f"{split}_labels"]
+        images, labels = archive[f"{request.split}_images"], archive[f"{request.split}_labels"]
         class_names = [str(n) for n in archive["class_names"]]
-    selected, default = _class_selection(classes, default_classes, class_names, name)
-    return _select_in_memory(name, split, images, labels, class_names, selected, default, image_size)
+    return _select_in_memory(request, images, labels, class_names)
 
 
 def _find_idx_file(folders: Sequence[Path], base_name: str) -> Path | None:
@@ -201,19 +199,12 @@ def _find_idx_file(folders: Sequence[Path], base_name: str) -> Path | None:
 def _idx_loader(class_names: Sequence[str], torchvision_folder: str) -> Callable[..., ImageDataset]:
     """A loader for an MNIST-style dataset published as IDX files (also found in torchvision's layout)."""
 
-    def load(
-        name: str,
-        split: str,
-        root: Path,
-        image_size: int,
-        classes: Sequence[str | int] | None,
-        default_classes: Sequence[str | int] | None,
-        download: bool,
-    ) -> ImageDataset:
+    def load(request: LoadRequest) -> ImageDataset:
+        name, split, root = request.name, request.split, request.root
         folders = [root, root / torchvision_folder / "raw"]
         base_names = _IDX_NAMES[split]
         found = [_find_idx_file(folders, base) for base in base_names]
-        if None in found and download:
+        if None in found and request.download:
             remotes = IDX_REMOTES[name]
             try:
                 found = [
@@ -228,30 +219,21 @@ def _idx_loader(class_names: Sequence[str], torchvision_folder: str) -> Callable
             raise missing_files_error(
                 name, split, root, [f"{b}(.gz)" for b in base_names], name in IDX_REMOTES
             )
-        images, labels = read_idx(found[0]), read_idx(found[1])
-        selected, default = _class_selection(classes, default_classes, class_names, name)
-        return _select_in_memory(name, split, images, labels, class_names, selected, default, image_size)
+        return _select_in_memory(request, read_idx(found[0]), read_idx(found[1]), class_names)
 
     return load
 
 
-def _load_cifar10(
-    name: str,
-    split: str,
-    root: Path,
-    image_size: int,
-    classes: Sequence[str | int] | None,
-    default_classes: Sequence[str | int] | None,
-    download: bool,
-) -> ImageDataset:
+def _load_cifar10(request: LoadRequest) -> ImageDataset:
     """CIFAR-10's binary version, in ``root/cifar-10-batches-bin/`` or in ``root`` itself."""
+    name, split, root = request.name, request.split, request.root
     expected = [f"{CIFAR10_FOLDER}/{file}" for file in CIFAR10_FILES[split]]
     candidates = [
         [folder / file for file in CIFAR10_FILES[split]] for folder in (root / CIFAR10_FOLDER, root)
     ]
     paths = next((files for files in candidates if all(path.is_file() for path in files)), None)
     if paths is None:
-        if not download:
+        if not request.download:
             raise missing_files_error(name, split, root, expected, True)
         try:
             archive = download_verified(CIFAR10_REMOTE, root)
@@ -261,22 +243,15 @@ def _load_cifar10(
         except (OSError, KeyError) as error:
             raise missing_files_error(name, split, root, expected, True, str(error)) from None
         paths = [root / file for file in expected]
-    images, labels = read_cifar_binary(paths)
-    selected, default = _class_selection(classes, default_classes, CIFAR10_CLASSES, name)
-    return _select_in_memory(name, split, images, labels, CIFAR10_CLASSES, selected, default, image_size)
+    return _select_in_memory(request, *read_cifar_binary(paths), CIFAR10_CLASSES)
 
 
 def _load_celeba(
-    name: str,
-    split: str,
-    root: Path,
-    image_size: int,
-    classes: Sequence[str | int] | None,
-    default_classes: Sequence[str | int] | None,
-    download: bool,
+    request: LoadRequest,
     crop_size: int = CELEBA_CROP,
 ) -> ImageDataset:
     """Aligned CelebA faces (one class), center-cropped to ``crop_size`` then resized."""
+    name, split, root, image_size = request.name, request.split, request.root, request.image_size
     base = root / "celeba" if (root / "celeba" / "list_eval_partition.txt").is_file() else root
     partition_file, image_folder = base / "list_eval_partition.txt", base / "img_align_celeba"
     expected = ["img_align_celeba/*.jpg", "list_eval_partition.txt"]
@@ -296,16 +271,9 @@ def _load_celeba(
     return FileImageDataset(f"{name}:{split}", paths, labels, ["face"], image_size, crop_size=crop_size)
 
 
-def _load_folder(
-    name: str,
-    split: str,
-    root: Path,
-    image_size: int,
-    classes: Sequence[str | int] | None,
-    default_classes: Sequence[str | int] | None,
-    download: bool,
-) -> ImageDataset:
+def _load_folder(request: LoadRequest) -> ImageDataset:
     """Class folders ``root/<class>/*.{png,jpg,jpeg}``, or ``root/train/<class>`` and ``root/test/<class>``."""
+    name, split, root, image_size = request.name, request.split, request.root, request.image_size
     has_split_folders = (root / "train").is_dir() or (root / "test").is_dir()
     split_root = root / split if has_split_folders else root
     if not has_split_folders and split != "train":
@@ -319,12 +287,14 @@ def _load_folder(
     if not available:
         where = "" if split_root == root else f"{split}/"
         raise missing_files_error(name, split, root, [f"{where}<class>/*.png|jpg"], False, "no class folders")
-    default_names = [str(c) for c in default_classes] if default_classes is not None else available
-    if classes is None:
+    default_names = (
+        [str(c) for c in request.default_classes] if request.default_classes is not None else available
+    )
+    if request.classes is None:
         class_names = default_names
     else:
         known = sorted(set(available) | set(ARTBENCH_STYLES if name.startswith("artbench") else ()))
-        class_names = [known[i] for i in resolve_classes(classes, known, name)]
+        class_names = [known[i] for i in resolve_classes(request.classes, known, name)]
     paths: list[Path] = []
     labels: list[int] = []
     for label, class_name in enumerate(class_names):
@@ -370,16 +340,10 @@ class DatasetEntry:
         if int(image_size) != image_size or image_size <= 0:
             raise ConfigError(f"{self.name}: image_size must be a positive integer, got {image_size}")
         root_path = Path(root).expanduser() if root is not None else default_data_root(self.name)
-        dataset = self.loader(
-            self.name,
-            split,
-            root_path,
-            int(image_size),
-            classes,
-            self.default_classes,
-            download,
-            **extra,
+        request = LoadRequest(
+            self.name, split, root_path, int(image_size), classes, self.default_classes, download
         )
+        dataset = self.loader(request, **extra)
         wanted = num_train if num_train is not None else self.num_train
         if split == "test":
             wanted = num_test if num_test is not None else self.num_test
