@@ -151,6 +151,22 @@ def file_record(path: Path, chunk_bytes: int = 1 << 22) -> dict[str, Any]:
     return {"bytes": Path(path).stat().st_size, "blake2b": digest.hexdigest()}
 
 
+def verify_size(
+    path: Path, expected_bytes: int, remedy: str, error: type[CorruptArtifactError] = CorruptArtifactError
+) -> None:
+    """Raise ``error`` naming ``path`` and ``remedy`` when it is missing or not ``expected_bytes`` long (checked
+    before a file is mapped: an r+ memmap of a short file would zero-extend it to full size)."""
+    path = Path(path)
+    if not path.exists():
+        raise error(f"{path} is missing: {remedy}")
+    size = path.stat().st_size
+    if size != expected_bytes:
+        raise error(
+            f"{path} is damaged ({path.name} holds {size} bytes where {expected_bytes} were written: truncated or "
+            f"overwritten): {remedy}"
+        )
+
+
 def verify_file(path: Path, record: Mapping[str, Any] | None, remedy: str) -> None:
     """Raise :class:`CorruptArtifactError` naming ``path`` and ``remedy`` unless it matches ``record``."""
     path = Path(path)
@@ -158,13 +174,7 @@ def verify_file(path: Path, record: Mapping[str, Any] | None, remedy: str) -> No
         raise CorruptArtifactError(
             f"{path} has no size/checksum record (made by an older version?): {remedy}"
         )
-    if not path.exists():
-        raise CorruptArtifactError(f"{path} is missing: {remedy}")
-    size = path.stat().st_size
-    if size != record["bytes"]:
-        raise CorruptArtifactError(
-            f"{path} is damaged: {size} bytes where {record['bytes']} were written (truncated?): {remedy}"
-        )
+    verify_size(path, record["bytes"], remedy)
     if file_record(path)["blake2b"] != record["blake2b"]:
         raise CorruptArtifactError(f"{path} is damaged: its checksum differs from the one recorded: {remedy}")
 

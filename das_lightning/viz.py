@@ -181,17 +181,26 @@ def active_run(logger_or_run: Any) -> Any:
     return wandb.run
 
 
+def _run_and_wandb(logger_or_run: Any) -> tuple[Any, Any] | None:
+    """(the active W&B run, the wandb module), or None without either."""
+    run = active_run(logger_or_run)
+    if run is None:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        return None
+    return run, wandb
+
+
 def log_images_to_wandb(
     logger_or_run: Any, key: str, pil_image: Image.Image, caption: str | None = None
 ) -> bool:
     """Log one image under ``key``; returns whether anything was logged (False without wandb or a run)."""
-    run = active_run(logger_or_run)
-    if run is None:
+    target = _run_and_wandb(logger_or_run)
+    if target is None:
         return False
-    try:
-        import wandb
-    except ImportError:
-        return False
+    run, wandb = target
     run.log({key: wandb.Image(pil_image, caption=caption)})
     return True
 
@@ -199,13 +208,10 @@ def log_images_to_wandb(
 def log_table(logger_or_run: Any, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> bool:
     """Log a table (e.g. one row per query with its top proponents); PIL images in a row become image cells.
     Returns whether anything was logged."""
-    run = active_run(logger_or_run)
-    if run is None:
+    target = _run_and_wandb(logger_or_run)
+    if target is None:
         return False
-    try:
-        import wandb
-    except ImportError:
-        return False
+    run, wandb = target
 
     def cell(value: Any) -> Any:
         return wandb.Image(value) if isinstance(value, Image.Image) else value

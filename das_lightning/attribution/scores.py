@@ -28,7 +28,7 @@ Leverages h_ii always use the true inverse, so that 0 <= h_ii < 1.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -68,19 +68,24 @@ def _read_all(features: RowSliceable) -> torch.Tensor:
     return _as_float64(features[0 : len(features)])
 
 
-class _RowNormalized:
-    """A view of row features in which every row is divided by its L2 norm (zero rows stay zero)."""
+class RowView:
+    """A lazy view of row features: every block read is ``transform``-ed (float64 tensors in and out)."""
 
-    def __init__(self, features: RowSliceable):
+    def __init__(self, features: RowSliceable, transform: Callable[[torch.Tensor], torch.Tensor]):
         self.features = features
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.features)
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
-        block = _as_float64(self.features[rows])
-        norms = block.norm(dim=1, keepdim=True)
-        return torch.where(norms > 0, block / norms.clamp_min(torch.finfo(torch.float64).tiny), block)
+        return self.transform(_as_float64(self.features[rows]))
+
+
+def _unit_rows(block: torch.Tensor) -> torch.Tensor:
+    """Every row divided by its L2 norm (zero rows stay zero)."""
+    norms = block.norm(dim=1, keepdim=True)
+    return torch.where(norms > 0, block / norms.clamp_min(torch.finfo(torch.float64).tiny), block)
 
 
 class KernelSolver:
@@ -427,7 +432,7 @@ def _residual_vector(residuals: Any, num_train: int) -> np.ndarray | None:
 
 def normalized_rows(features: RowSliceable) -> RowSliceable:
     """A lazy view of ``features`` with every row scaled to unit L2 norm (for renormalized influence)."""
-    return _RowNormalized(features)
+    return RowView(features, _unit_rows)
 
 
 def summed_steps(query_steps: Any) -> torch.Tensor:
@@ -444,47 +449,36 @@ def summed_steps(query_steps: Any) -> torch.Tensor:
     return total
 
 
-def _similarity_scores(
+def similarity_scores(
     query_features: RowSliceable,
     train_features: RowSliceable,
     *,
     cosine: bool,
-    mask: Any,
-    block_size: int,
+    mask: Any = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     dtype: type = np.float32,
 ) -> np.ndarray:
+    """Queries x train inner products of the rows, or their cosines (0 where either vector is zero)."""
     queries = _read_all(query_features)
     if cosine:
-        queries = _RowNormalized(queries)[:]
+        queries = _unit_rows(queries)
     num_train = len(train_features)
     _check_mask(mask, int(queries.shape[0]), num_train)
-    train_view = _RowNormalized(train_features) if cosine else train_features
+    train_view = RowView(train_features, _unit_rows) if cosine else train_features
     result = np.zeros((int(queries.shape[0]), num_train), dtype=dtype)
     for start, stop, block in iter_row_blocks(train_view, block_size):
         result[:, start:stop] = _mask_block(queries @ block.T, mask, start, stop).numpy()
     return result
 
 
-def dot_scores(
-    query_features: RowSliceable,
-    train_features: RowSliceable,
-    *,
-    mask: Any = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-) -> np.ndarray:
-    """Plain inner products q . x_i (raw pixels, CLIP embeddings)."""
-    return _similarity_scores(query_features, train_features, cosine=False, mask=mask, block_size=block_size)
+def dot_scores(query_features: RowSliceable, train_features: RowSliceable, **options: Any) -> np.ndarray:
+    """Plain inner products q . x_i (raw pixels, CLIP embeddings); ``options``: mask, block_size."""
+    return similarity_scores(query_features, train_features, cosine=False, **options)
 
 
-def cosine_scores(
-    query_features: RowSliceable,
-    train_features: RowSliceable,
-    *,
-    mask: Any = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-) -> np.ndarray:
+def cosine_scores(query_features: RowSliceable, train_features: RowSliceable, **options: Any) -> np.ndarray:
     """Cosine similarity (0 where either vector is zero); also the gradient-cosine baseline on features."""
-    return _similarity_scores(query_features, train_features, cosine=True, mask=mask, block_size=block_size)
+    return similarity_scores(query_features, train_features, cosine=True, **options)
 
 
 def tracin_scores(
@@ -499,7 +493,7 @@ def tracin_scores(
     total: np.ndarray | None = None
     for learning_rate, queries, train in checkpoints:
         # summed in float64, rounded to float32 once at the end
-        products = _similarity_scores(
+        products = similarity_scores(
             queries, train, cosine=False, mask=None, block_size=block_size, dtype=np.float64
         )
         contribution = float(learning_rate) * products

@@ -36,6 +36,7 @@ from das_lightning.manifest import (
     ManifestMismatchError,
     manifest_differences,
     read_manifest,
+    verify_size,
     write_manifest,
 )
 
@@ -213,15 +214,7 @@ class FeatureStore:
         arrays = {}
         for name, expected in layout.items():
             path = folder / name
-            if not path.exists():
-                raise CorruptStoreError(f"feature store {folder}: {name} is missing: {_remedy(folder)}")
-            size = path.stat().st_size
-            if size != expected["bytes"]:
-                # checked before mapping: an r+ memmap of a short file would zero-extend it to full size
-                raise CorruptStoreError(
-                    f"feature store {folder}: {name} holds {size} bytes where {expected['bytes']} were written "
-                    f"(truncated or overwritten): {_remedy(folder)}"
-                )
+            verify_size(path, expected["bytes"], _remedy(folder), CorruptStoreError)
             try:
                 array = np.load(path, mmap_mode=mode)
             except (OSError, ValueError) as error:

@@ -382,16 +382,11 @@ DATASETS: dict[str, DatasetEntry] = {
 
 
 def build_dataset(
-    name: str,
-    split: str,
-    root: str | Path | None,
-    image_size: int,
-    classes: Sequence[str | int] | None = None,
-    num_train: int | None = None,
-    download: bool = False,
-    **extra: Any,
+    name: str, split: str, root: str | Path | None, image_size: int, **options: Any
 ) -> ImageDataset:
-    """Build a registered dataset's split. ``extra``: ``num_test`` (stratified test subset), ``crop_size`` (celeba).
+    """Build a registered dataset's split. ``options``: ``classes`` (names or ids, in the order wanted),
+    ``num_train`` / ``num_test`` (stratified subsets), ``download``, ``crop_size`` (celeba); see
+    :class:`DatasetEntry`.
 
     Raises:
         ValueError: unknown name, split or class, or a subset larger than the split.
@@ -399,4 +394,4 @@ def build_dataset(
     """
     if name not in DATASETS:
         raise ConfigError(f"unknown dataset {name!r}; available: {', '.join(sorted(DATASETS))}")
-    return DATASETS[name](split, root, image_size, classes, num_train, download, **extra)
+    return DATASETS[name](split, root, image_size, **options)

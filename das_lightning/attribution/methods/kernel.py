@@ -145,7 +145,8 @@ class DAS(KernelMethod):
     def train_psi(self, context: ScoringContext) -> Any:
         if self.settings.residual != "exact":
             return None
-        return _Negated(context.train_store(psi_settings(self.settings.features)).features)
+        # psi_i is minus the gradient of x_i's own loss
+        return scoring.RowView(context.train_store(psi_settings(self.settings.features)).features, torch.neg)
 
 
 def das_residual_losses(
@@ -193,16 +194,3 @@ def psi_settings(features: FeatureSettings) -> FeatureSettings:
             "normalize_per_timestep": False,
         }
     )
-
-
-class _Negated:
-    """A row view of features with every row negated (psi_i is minus the gradient of x_i's own loss)."""
-
-    def __init__(self, features: Any):
-        self.features = features
-
-    def __len__(self) -> int:
-        return len(self.features)
-
-    def __getitem__(self, rows: slice) -> np.ndarray:
-        return -np.asarray(self.features[rows], dtype=np.float64)
