@@ -23,7 +23,7 @@ class MethodSettings:
     lambda_scales: list[float] | None = field(default_factory=default_scale_grid)  # None: the default grid
     lambda_scale: float = DEFAULT_LAMBDA_SCALE  # c for pictures and top-k until an LDS has selected one
     leverage: bool = True  # DAS: 1 / (1 - h_ii)
-    square: bool = False  # squared scores: DAS's readout (das.yaml), the *_squared variants of other kernel methods
+    square: bool = False  # squared scores: DAS (das.yaml) and the *_squared variants
     residual: str = "normalized"  # DAS: none | normalized (authors' r_i) | magnitude | exact
     residual_timesteps: int = 50  # DAS residual: per-timestep losses on a uniform grid of this many timesteps
     similarity: str = "cosine"  # pixel / clip / grad_cos: dot or cosine
