@@ -57,7 +57,7 @@ ATTRIBUTE = [
     *DATA,
     "queries.num_val=6",
     "queries.num_generated=6",
-    "method.features.projector_dim=32",
+    "projector.dim=32",
     "method.features.num_timesteps=2",
     "method.features.batch_size=16",
 ]

@@ -124,7 +124,7 @@ def attribute(
 ) -> dict[str, Attribution] | Attribution:
     """Scores of ``method`` for ``queries`` against ``train_dataset``, as ``attribute.py`` computes them.
 
-    ``overrides`` are Hydra overrides as on the command line (``"method.features.projector_dim=8192"``). Returns
+    ``overrides`` are Hydra overrides as on the command line (``"projector.dim=8192"``). Returns
     the :class:`Attribution` of the ``files`` set when ``queries`` are given, else one per configured query set.
     """
     from das_lightning import cli

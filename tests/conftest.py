@@ -28,7 +28,7 @@ TINY_ATTRIBUTE = [
     *TINY_DATA,
     "queries.num_val=6",
     "queries.num_generated=6",
-    "method.features.projector_dim=32",
+    "projector.dim=32",
     "method.features.num_timesteps=2",
     "method.features.batch_size=16",
     "logger=none",

@@ -73,7 +73,7 @@ def test_changed_projector_seed_is_refused_with_the_key_named(das_root: Path) ->
         "attribute.py",
         f"paths.root={das_root}",
         *TINY_ATTRIBUTE,
-        "method.features.projector_seed=1",
+        "projector.seed=1",
         cwd=das_root,
         check=False,
     )

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = {
     "train": ["dataset", "model", "subset", "trainer", "logger"],
-    "attribute": ["dataset", "model", "method", "trainer", "logger"],
+    "attribute": ["dataset", "model", "method", "projector", "trainer", "logger"],
     "evaluate_lds": ["dataset", "model", "trainer", "logger"],
 }
 
@@ -58,3 +58,36 @@ def test_unknown_choice_lists_the_available_ones(tmp_path: Path) -> None:
         with pytest.raises(MissingConfigException) as error:
             compose(config_name="train", overrides=["dataset=no_such_set"])
     assert "fashion2" in str(error.value) and "cifar10" in str(error.value)
+
+
+@pytest.mark.parametrize("kind", _choices("projector"))
+def test_the_projector_group_reaches_every_feature_method_as_typed_settings(kind: str) -> None:
+    from das_lightning import cli
+    from das_lightning.attribution.projectors import ProjectorSettings
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for method in ("das", "trak", "tracin"):
+            cfg = compose(
+                config_name="attribute",
+                overrides=[f"method={method}", f"projector={kind}", "projector.seed=7"],
+            )
+            projector = cli.method_settings(cfg).features.projector
+            assert isinstance(projector, ProjectorSettings)
+            assert projector.kind == kind and projector.seed == 7
+            assert (projector.dim is None) == (
+                kind == "identity"
+            )  # the identity projector keeps every parameter
+
+
+def test_a_projector_setting_out_of_range_is_refused_when_the_method_is_built() -> None:
+    from das_lightning import cli
+    from das_lightning.attribution.methods import build_method
+    from das_lightning.errors import ConfigError
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for override, message in (
+            ("projector.kind=nope", "unknown projector kind"),
+            ("projector.dim=0", "projector.dim"),
+        ):
+            with pytest.raises(ConfigError, match=message):
+                build_method(cli.method_settings(compose(config_name="attribute", overrides=[override])))

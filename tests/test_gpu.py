@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from das_lightning.attribution import features as features_module
 from das_lightning.attribution.features import CollectionDevice, FeatureSettings, collect_features
 from das_lightning.attribution.grads import PerSampleGradients
-from das_lightning.attribution.projectors import DenseProjector, build_projector
+from das_lightning.attribution.projectors import DenseProjector, ProjectorSettings, build_projector
 from das_lightning.data import build_dataset
 from das_lightning.diffusion import make_scheduler
 from das_lightning.models.tiny_sd import build_tiny_sd_pipeline, lora_step_and_features
@@ -96,7 +96,9 @@ def test_collection_on_cuda_builds_the_dense_matrix_once_and_matches_the_cpu(
     torch.manual_seed(0)
     unet = build_unet("tiny", 8, 1)
     alphas_cumprod = make_scheduler().alphas_cumprod
-    settings = FeatureSettings(num_timesteps=3, projector_dim=64, batch_size=8)  # 6 batches
+    settings = FeatureSettings(
+        num_timesteps=3, projector=ProjectorSettings(dim=64), batch_size=8
+    )  # 6 batches
     builds: list[torch.device] = []
     build = DenseProjector.matrix
     monkeypatch.setattr(

@@ -19,6 +19,7 @@ from das_lightning.artifacts import load_generated_queries, load_unet
 from das_lightning.attribution.features import FeatureSettings, collect_features
 from das_lightning.attribution.grads import PerSampleGradients, reference_flat_gradients
 from das_lightning.attribution.pipeline import load_scores
+from das_lightning.attribution.projectors import ProjectorSettings
 from das_lightning.data import build_dataset
 from das_lightning.diffusion import per_sample_loss, query_losses, rule_noise
 from das_lightning.loggers import LoggerSettings
@@ -259,7 +260,10 @@ def test_das_scores_run_end_to_end_on_lora_features(
     # queries: the first four training images under the same identity, so they draw the same noise
     query_latents = train_latents.take(np.arange(4), train_latents.set_name)
     settings = FeatureSettings(
-        num_timesteps=2, projector_dim=32, param_pattern=LORA_PARAMETER_PATTERN, batch_size=8
+        num_timesteps=2,
+        projector=ProjectorSettings(dim=32),
+        param_pattern=LORA_PARAMETER_PATTERN,
+        batch_size=8,
     )
     conditioning: TextConditioning = trained.text_conditioning()
     stores = {}
@@ -427,7 +431,7 @@ def test_train_attribute_and_lds_run_end_to_end_on_a_lora_pipeline(
             [
                 *experiment,
                 "method=das",
-                "method.features.projector_dim=16",
+                "projector.dim=16",
                 "method.features.num_timesteps=2",
                 "method.features.batch_size=8",
                 "method.residual_timesteps=2",
@@ -509,7 +513,7 @@ def test_lora_pipeline_generates_conditioned_queries_and_attributes_them_along_t
     assert set(load_file(str(snapshots[0]))) == lora_names
 
     small_features = [
-        "method.features.projector_dim=16",
+        "projector.dim=16",
         "method.features.num_timesteps=2",
         "method.features.batch_size=8",
     ]
@@ -561,7 +565,7 @@ def test_latent_diffusion_generates_attributes_and_evaluates_on_one_latent_cache
     torch.testing.assert_close(model.decode(steps[-1][1]).clamp(-1, 1), images, atol=1e-4, rtol=0)
 
     features = [
-        "method.features.projector_dim=16",
+        "projector.dim=16",
         "method.features.num_timesteps=2",
         "method.residual_timesteps=2",
     ]

@@ -13,7 +13,7 @@ import torch
 from das_lightning import __version__
 from das_lightning.attribution.collector import ProjectedGradientCollector, ShardedPredictModule
 from das_lightning.attribution.grads import PerSampleGradients
-from das_lightning.attribution.projectors import build_projector
+from das_lightning.attribution.projectors import TAKES_DISTRIBUTION, ProjectorSettings, build_projector
 from das_lightning.attribution.store import FeatureStore, exclusive_writer
 from das_lightning.attribution.timesteps import select_timesteps
 from das_lightning.data import ImageDataset, content_entry
@@ -34,11 +34,7 @@ class FeatureSettings:
     num_timesteps: int = 10
     timesteps: list[int] | None = None  # explicit list, with timestep_strategy=explicit
     normalize_per_timestep: bool = True
-    projector: str = "dense"
-    projector_distribution: str = "rademacher"
-    projector_dim: int = 4096
-    projector_seed: int = 0
-    projector_options: dict[str, Any] = field(default_factory=dict)
+    projector: ProjectorSettings = field(default_factory=ProjectorSettings)
     param_pattern: str | None = None  # regex on parameter names; None = all trainable
     e_seed: int = 0
     batch_size: int = 32
@@ -46,6 +42,10 @@ class FeatureSettings:
     activation_budget_mib: int = 2048  # peak memory of one vmap call (see PerSampleGradients.pairs_per_call)
     dtype: str = "float32"
     num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.projector, dict):  # from a composed config, or from asdict() of another settings
+            self.projector = ProjectorSettings(**self.projector)
 
     def timestep_list(self) -> list[int]:
         return select_timesteps(
@@ -96,15 +96,14 @@ def make_gradients(
 def make_projector(settings: FeatureSettings, num_params: int, device: torch.device | str = "cpu"):
     """The projector of ``settings``; the same one is reused for every image set of a run (train, val,
     generated), so a dense matrix kept in memory is generated once, not once per set."""
-    options = dict(settings.projector_options)
-    if settings.projector == "dense":
-        options.setdefault("distribution", settings.projector_distribution)
-    if settings.projector != "identity":
+    projector = settings.projector
+    options = dict(projector.options)
+    if projector.kind in TAKES_DISTRIBUTION:
+        options.setdefault("distribution", projector.distribution)
+    if projector.kind != "identity":
         options.setdefault("device", str(device))
     key = tuple(sorted((name, repr(value)) for name, value in options.items()))
-    return _cached_projector(
-        settings.projector, num_params, settings.projector_dim, settings.projector_seed, key, options
-    )
+    return _cached_projector(projector.kind, num_params, projector.dim, projector.seed, key, options)
 
 
 _last_projector: dict[tuple, Any] = {}
@@ -130,8 +129,17 @@ def feature_manifest(
     described = {
         k: v
         for k, v in asdict(settings).items()
-        if k not in {"batch_size", "num_workers", "timestep_batch", "activation_budget_mib"}
+        if k not in {"batch_size", "num_workers", "timestep_batch", "activation_budget_mib", "projector"}
     }
+    # the projector's settings under the flat keys stores have always recorded, so existing stores stay valid
+    chosen = settings.projector
+    described.update(
+        projector=chosen.kind,
+        projector_distribution=chosen.distribution,
+        projector_dim=chosen.dim,
+        projector_seed=chosen.seed,
+        projector_options=chosen.options,
+    )
     return {
         "checkpoint": checkpoint_id,
         "set_name": dataset.set_name,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -289,6 +290,29 @@ PROJECTORS: dict[str, type[Projector]] = {
     IdentityProjector.kind: IdentityProjector,
     TrakCudaProjector.kind: TrakCudaProjector,
 }
+
+
+TAKES_DISTRIBUTION = {
+    DenseProjector.kind,
+    TrakCudaProjector.kind,
+}  # the kinds that draw from projector.distribution
+
+
+@dataclass
+class ProjectorSettings:
+    """How per-sample gradients are compressed (conf/projector/*.yaml; every field enters the feature manifest)."""
+
+    kind: str = "dense"  # dense | sparse | identity | trak_cuda
+    dim: int = 4096  # k
+    seed: int = 0
+    distribution: str = "rademacher"  # dense: rademacher | gaussian
+    options: dict[str, Any] = field(default_factory=dict)  # the projector class's other arguments
+
+    def validate(self) -> None:
+        if self.kind not in PROJECTORS:
+            raise ConfigError(f"unknown projector kind {self.kind!r}; known: {sorted(PROJECTORS)}")
+        if self.kind != "identity" and int(self.dim) < 1:
+            raise ConfigError(f"projector.dim must be a positive integer, got {self.dim}")
 
 
 def build_projector(kind: str, num_params: int, dim: int | None, seed: int, **kwargs: Any) -> Projector:

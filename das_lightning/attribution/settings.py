@@ -47,6 +47,8 @@ class MethodSettings:
 
     def validate(self) -> None:
         """The checks every method shares (a method's own are in its entry)."""
+        if self.features is not None:
+            self.features.projector.validate()
         if any(float(c) <= 0 for c in self.lambda_scales):
             raise ConfigError(
                 f"method.lambda_scales must be positive multiples of the unit, got {self.lambda_scales}"
