@@ -98,6 +98,24 @@ def das_root(trained_root: Path, tmp_path_factory) -> Path:
     return root
 
 
+def tiny_unet(seed: int = 0, dropout: float = 0.0, channels: int = 3, sample_size: int = 8):
+    """The tests' hand-sized UNet: the ``tiny`` preset's blocks (one with attention) at widths (8, 16), seeded."""
+    import torch
+
+    from das_lightning.models.unet import build_unet
+
+    torch.manual_seed(seed)
+    return build_unet(
+        "tiny",
+        sample_size,
+        channels,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        attention_head_dim=4,
+        dropout=dropout,
+    )
+
+
 def compose(config_name: str, overrides: list[str], return_hydra_config: bool = False):
     """The config an entry point would see for these overrides (to call das_lightning.cli in-process)."""
     from hydra import compose as hydra_compose

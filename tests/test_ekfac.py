@@ -27,9 +27,9 @@ from das_lightning.models.adapters import MeasuredModel
 
 pytest.importorskip("kronfluence")
 
-from test_grads import tiny_unet  # noqa: E402
-
 from das_lightning.attribution.ekfac_task import tracked_module_names, tracked_parameter_names  # noqa: E402
+
+from conftest import tiny_unet  # noqa: E402
 
 # two small layers (P = 803): small enough for an explicit Gauss-Newton matrix
 SMALL_LAYERS = r"^(conv_out|up_blocks\.1\.resnets\.1\.conv2)\."

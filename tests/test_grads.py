@@ -18,23 +18,9 @@ from das_lightning.attribution.timesteps import select_timesteps
 from das_lightning.diffusion import make_scheduler
 from das_lightning.models.attention import MatmulAttnProcessor, use_vmap_friendly_attention
 
+from conftest import tiny_unet
+
 TIMESTEPS = [7, 480, 950]
-
-
-def tiny_unet(seed: int = 0, dropout: float = 0.0) -> UNet2DModel:
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        attention_head_dim=4,
-        dropout=dropout,
-    )
 
 
 def tiny_conditional_unet(seed: int = 0) -> UNet2DConditionModel:

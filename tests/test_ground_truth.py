@@ -21,23 +21,11 @@ from das_lightning.evaluation.ground_truth import (
 )
 from das_lightning.manifest import ManifestMismatchError
 
+from conftest import tiny_unet
+
 SET_NAME = "val"
 TIMESTEPS = [0, 137, 500, 999]
 E_SEEDS = [0, 2]
-
-
-def tiny_unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    ).eval()
 
 
 def query_images(num_queries: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +51,7 @@ class QueryDataset(Dataset):
 @pytest.fixture(scope="module")
 def setup() -> tuple[UNet2DModel, torch.Tensor, torch.Tensor, torch.Tensor]:
     images, indices = query_images()
-    return tiny_unet(), make_scheduler().alphas_cumprod, images, indices
+    return tiny_unet().eval(), make_scheduler().alphas_cumprod, images, indices
 
 
 def hand_loop(unet, alphas_cumprod, images, indices) -> torch.Tensor:
