@@ -30,6 +30,8 @@ RESULTS = REPO / "benchmarks" / "results"
 FULL_SEEDS = [0, 1, 2, 3]  # seed 0 is the primary model (its generated images are the queries)
 SNAPSHOT_EVERY = 125  # of 500 steps: the checkpoint ensemble's members
 ENSEMBLE_SIZES = [1, 2, 4]
+EKFAC = ("ekfac", "ekfac_squared", "ekfac_das")
+EKFAC_GRID = [0.001, 0.01, 0.1, 1.0]
 # score-folder name -> attribute.py overrides (ensembles average the members' scores at each c)
 ATTRIBUTIONS: dict[str, list[str]] = {
     **{
@@ -46,12 +48,14 @@ ATTRIBUTIONS: dict[str, list[str]] = {
             "trak_squared",
             "dtrak_squared",
             "relatif_squared",
-            "ekfac",
-            "ekfac_squared",
-            "ekfac_das",
             "grad_cos",
             "pixel",
         )
+    },
+    # EK-FAC: every damping c is one pass over the training set (108 s each here), so 4 decades around kronfluence's
+    # own default (c = 0.1) instead of its 9-decade default grid; lds.md flags a selection on an edge
+    **{
+        name: [f"method={name}", f"method.lambda_scales=[{','.join(map(str, EKFAC_GRID))}]"] for name in EKFAC
     },
     **{
         f"{method}_seeds{'-'.join(map(str, FULL_SEEDS[:size]))}": [

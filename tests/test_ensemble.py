@@ -4,6 +4,7 @@ with its own model and features, the primary model's queries for all; refusals n
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +119,33 @@ def test_an_ensemble_that_cannot_be_made_is_refused_before_scores_are_written(
         cli.run_attribute(compose("attribute", [f"paths.root={ensemble_root}", *settings, *overrides]))
     after = sorted(path.name for path in scores_dir.iterdir()) if scores_dir.exists() else []
     assert after == before
+
+
+@pytest.mark.slow
+def test_a_two_process_ddp_ensemble_equals_one_process(ensemble_root: Path, tmp_path: Path) -> None:
+    """Under DDP each member's features are collected by both ranks like any store; one rank writes the mean."""
+    from conftest import run_entry
+
+    _attribute(ensemble_root, "ensemble.seeds=[0,1]")
+    for seed in (0, 1):  # the trained models only: every feature of the DDP run is collected afresh
+        source, target = ensemble_root / RUN_OF / f"seed{seed}", tmp_path / RUN_OF / f"seed{seed}"
+        for part in ("unet", "queries"):
+            shutil.copytree(source / part, target / part)
+        for name in ("manifest.json", "subset.json", "config.json"):
+            shutil.copy(source / name, target / name)
+    result = run_entry(
+        "attribute.py",
+        f"paths.root={tmp_path}",
+        *TINY_ATTRIBUTE,
+        "ensemble.seeds=[0,1]",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        cwd=tmp_path,
+    )
+    assert result.stdout.count("method das_seeds0-1:") == 1
+    for query_set in ("val", "generated"):
+        single, _ = _scores(ensemble_root, "das_seeds0-1", query_set)
+        both, manifest = _scores(tmp_path, "das_seeds0-1", query_set)
+        np.testing.assert_allclose(both, single, rtol=1e-3, atol=1e-3 * np.abs(single).max())
+        assert [m["member"] for m in manifest["ensemble"]] == ["seed0", "seed1"]
