@@ -31,7 +31,7 @@ FULL_SEEDS = [0, 1, 2, 3]  # seed 0 is the primary model (its generated images a
 SNAPSHOT_EVERY = 125  # of 500 steps: the checkpoint ensemble's members
 ENSEMBLE_SIZES = [1, 2, 4]
 EKFAC = ("ekfac", "ekfac_squared", "ekfac_das")
-EKFAC_GRID = [0.001, 0.01, 0.1, 1.0]
+EKFAC_GRID = [1e-06, 1e-05, 0.0001, 0.001, 0.01, 0.1, 1.0]
 # score-folder name -> attribute.py overrides (ensembles average the members' scores at each c)
 ATTRIBUTIONS: dict[str, list[str]] = {
     **{
