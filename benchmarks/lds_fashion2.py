@@ -52,8 +52,8 @@ ATTRIBUTIONS: dict[str, list[str]] = {
             "pixel",
         )
     },
-    # EK-FAC: every damping c is one pass over the training set (108 s each here), so 4 decades around kronfluence's
-    # own default (c = 0.1) instead of its 9-decade default grid; lds.md flags a selection on an edge
+    # EK-FAC: every damping c is one pass over the training set (108 s each here), so 7 decades (1e-6..1) instead of
+    # the kernel methods' 36 points (a first run on 1e-3..1 selected its low edge everywhere)
     **{
         name: [f"method={name}", f"method.lambda_scales=[{','.join(map(str, EKFAC_GRID))}]"] for name in EKFAC
     },
