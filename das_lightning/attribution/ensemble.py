@@ -24,8 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from das_lightning.artifacts import load_finished, network_with_snapshot, retrain_remedy, training_snapshots
+from das_lightning.artifacts import (
+    DONE_MARKER,
+    load_finished,
+    network_with_snapshot,
+    retrain_remedy,
+    training_snapshots,
+)
 from das_lightning.attribution.context import AttributionInputs
+from das_lightning.attribution.methods.base import Method
 from das_lightning.errors import ConfigError, MissingArtifactError
 from das_lightning.manifest import hash_file
 from das_lightning.models.adapters import ModelAdapter
@@ -70,14 +77,15 @@ class EnsembleSettings:
         return f"{method_name}_steps{'-'.join(map(str, self.checkpoints or []))}"
 
 
-def check_method(method_name: str, needs_features: bool, needs_snapshots: bool, needs_journey: bool) -> None:
+def check_method(entry: Method) -> None:
     """Refuse methods whose scores an ensemble cannot average meaningfully."""
-    if not needs_features:
+    method_name = entry.settings.name
+    if not entry.needs_features:
         raise ConfigError(
             f"method {method_name!r} does not depend on the model (no gradient features): an ensemble of it is "
             "the method itself; drop ensemble.*"
         )
-    if needs_snapshots or needs_journey:
+    if entry.needs_snapshots or entry.needs_journey:
         raise ConfigError(
             f"method {method_name!r} already combines several states of one model (snapshots or denoising steps); "
             "ensembles are for the feature-based kernel and similarity methods"
@@ -93,7 +101,7 @@ def ensemble_members(
     members = []
     for seed in settings.seeds or []:
         member_paths = paths.sibling(paths.tag, seed)
-        if not (member_paths.unet_dir / "DONE").exists():
+        if not (member_paths.unet_dir / DONE_MARKER).exists():
             raise MissingArtifactError(
                 f"ensemble member seed {seed} has no finished model at {member_paths.unet_dir}: train it with "
                 f"`python train.py seed={seed}` and the same dataset/model/train settings as seed {paths.seed}"

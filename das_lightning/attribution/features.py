@@ -16,10 +16,9 @@ from das_lightning.attribution.grads import PerSampleGradients
 from das_lightning.attribution.projectors import TAKES_DISTRIBUTION, ProjectorSettings, build_projector
 from das_lightning.attribution.store import FeatureStore, exclusive_writer
 from das_lightning.attribution.timesteps import select_timesteps
-from das_lightning.data import ImageDataset, content_entry
+from das_lightning.data import ImageDataset, dataset_identity
 from das_lightning.diffusion import NUM_TRAIN_TIMESTEPS
 from das_lightning.distributed import build_trainer, process_device
-from das_lightning.manifest import hash_array
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +141,7 @@ def feature_manifest(
     )
     return {
         "checkpoint": checkpoint_id,
-        "set_name": dataset.set_name,
-        "num_images": len(dataset),
-        "labels_hash": hash_array(dataset.labels),
-        **content_entry(dataset),
+        **dataset_identity(dataset),
         "features": described,
         "gradients": gradients.describe(),
         "projector": projector.describe(),

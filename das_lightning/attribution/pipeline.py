@@ -125,7 +125,7 @@ def validate_method(method: MethodSettings, ensemble: bool = False) -> Method:
     ``ensemble``, also that the method's scores can be averaged over models. Returns the built entry."""
     entry = build_method(method)
     if ensemble:
-        check_method(method.name, entry.needs_features, entry.needs_snapshots, entry.needs_journey)
+        check_method(entry)
     return entry
 
 

@@ -309,14 +309,18 @@ class ProjectorSettings:
     options: dict[str, Any] = field(default_factory=dict)  # the projector class's other arguments
 
     def validate(self) -> None:
-        if self.kind not in PROJECTORS:
-            raise ConfigError(f"unknown projector kind {self.kind!r}; known: {sorted(PROJECTORS)}")
+        projector_class(self.kind)
         if self.kind != "identity" and int(self.dim) < 1:
             raise ConfigError(f"projector.dim must be a positive integer, got {self.dim}")
 
 
 def build_projector(kind: str, num_params: int, dim: int | None, seed: int, **kwargs: Any) -> Projector:
     """The projector registered as ``kind`` (``dense``, ``sparse``, ``identity``, ``trak_cuda``)."""
+    return projector_class(kind)(num_params=num_params, dim=dim, seed=seed, **kwargs)
+
+
+def projector_class(kind: str) -> type[Projector]:
+    """The class registered as ``kind``; a clear error naming the known kinds otherwise."""
     if kind not in PROJECTORS:
         raise ConfigError(f"unknown projector kind {kind!r}; known: {sorted(PROJECTORS)}")
-    return PROJECTORS[kind](num_params=num_params, dim=dim, seed=seed, **kwargs)
+    return PROJECTORS[kind]

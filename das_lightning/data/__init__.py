@@ -8,6 +8,7 @@ from das_lightning.data.base import (
     Sample,
     TensorImageDataset,
     content_entry,
+    dataset_identity,
 )
 from das_lightning.data.datamodule import DiffusionDataModule, HorizontalFlipDataset, make_loader
 from das_lightning.data.registry import DATASETS, DatasetEntry, build_dataset
@@ -32,6 +33,7 @@ __all__ = [
     "TensorImageDataset",
     "build_dataset",
     "content_entry",
+    "dataset_identity",
     "lds_subset_indices",
     "load_index_list",
     "load_index_record",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from das_lightning.errors import ConfigError, MissingArtifactError
+from das_lightning.manifest import hash_array
 
 # Resizing whole splits at once would hold a float copy of every image; chunks keep the peak small.
 _RESIZE_CHUNK = 4096
@@ -121,6 +122,16 @@ class ImageDataset(Dataset[Sample]):
             f"{type(self).__name__}(set_name={self.set_name!r}, size={len(self)}, classes={self.class_names}, "
             f"channels={self.channels}, image_size={self.image_size})"
         )
+
+
+def dataset_identity(dataset: ImageDataset) -> dict[str, Any]:
+    """Which images a set holds, for manifests: its name (the noise rule's key), size, labels and content."""
+    return {
+        "set_name": dataset.set_name,
+        "num_images": len(dataset),
+        "labels_hash": hash_array(dataset.labels),
+        **content_entry(dataset),
+    }
 
 
 def content_entry(dataset: ImageDataset) -> dict[str, str]:

@@ -39,9 +39,9 @@ import torch
 from das_lightning.attribution.context import ScoringContext
 from das_lightning.attribution.features import CollectionDevice
 from das_lightning.attribution.methods.base import Method, register
-from das_lightning.data import ImageDataset, content_entry
+from das_lightning.data import dataset_identity
 from das_lightning.errors import ConfigError
-from das_lightning.manifest import check_or_write_manifest, hash_array, hash_file
+from das_lightning.manifest import check_or_write_manifest, hash_file
 
 INSTALL = "pip install --no-deps 'kronfluence==1.0.1'"
 # method.measurement -> the output function of attribution/outputs.py differentiated on a query
@@ -75,15 +75,6 @@ def refuse_several_processes(device: CollectionDevice) -> None:
             "which the attribute stage does not do (its ranks serve feature collection only); use trainer=gpu "
             "or trainer=cpu (or trainer.devices=1)"
         )
-
-
-def dataset_identity(dataset: ImageDataset) -> dict[str, Any]:
-    return {
-        "set_name": dataset.set_name,
-        "num_images": len(dataset),
-        "labels_hash": hash_array(dataset.labels),
-        **content_entry(dataset),
-    }
 
 
 @register("ekfac")
