@@ -175,7 +175,9 @@ def same_lds(root: Path, reference: Path) -> bool:
     def records(base: Path) -> list:
         return [
             (r["method"], r["query_set"], r["lambda_selection"], round(r["lds"], 6))
-            for r in json.loads((base / "fashion2" / "tiny" / "lds" / "lds.json").read_text())["records"]
+            for r in json.loads((base / "fashion2" / "tiny" / "lds" / "full-seed0" / "lds.json").read_text())[
+                "records"
+            ]
         ]
 
     return records(root) == records(reference)
@@ -183,7 +185,9 @@ def same_lds(root: Path, reference: Path) -> bool:
 
 def same_counterfactual(root: Path, reference: Path) -> bool:
     def distances(base: Path) -> dict:
-        result = json.loads((base / "fashion2" / "tiny" / "lds" / "counterfactual_das.json").read_text())
+        result = json.loads(
+            (base / "fashion2" / "tiny" / "lds" / "full-seed0" / "counterfactual_das.json").read_text()
+        )
         return {key: [round(float(v), 6) for v in result[key]] for key in ("l2_top", "l2_random")}
 
     return distances(root) == distances(reference)
@@ -230,14 +234,14 @@ def counterfactual_retraining(root: Path, elapsed: float) -> bool:
     """A counterfactual retraining has started (its run manifest is written) and the result is not there yet."""
     tiny = root / "fashion2" / "tiny"
     started = any(tiny.glob("cf-das-*/seed0/manifest.json"))
-    return started and not (tiny / "lds" / "counterfactual_das.json").exists()
+    return started and not (tiny / "lds" / "full-seed0" / "counterfactual_das.json").exists()
 
 
 def without_counterfactual(root: Path) -> None:
     tiny = root / "fashion2" / "tiny"
     for folder in tiny.glob("cf-das-*"):
         shutil.rmtree(folder)
-    (tiny / "lds" / "counterfactual_das.json").unlink()
+    (tiny / "lds" / "full-seed0" / "counterfactual_das.json").unlink()
 
 
 def after(seconds: float) -> Callable[[Path, float], bool]:

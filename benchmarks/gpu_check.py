@@ -236,7 +236,7 @@ def feature_rows(settings: CheckSettings) -> list[dict[str, Any]]:
 
 def sd_lora_check(settings: CheckSettings) -> dict[str, Any]:
     """One LoRA training step + projected features on a tiny random SD pipeline, bf16 frozen weights."""
-    from das_lightning.models.tiny_sd import build_tiny_sd_pipeline, lora_step_and_features
+    from das_lightning_testing.tiny_sd import build_tiny_sd_pipeline, lora_step_and_features
 
     device = torch.device(settings.device)
     if device.type == "cuda":

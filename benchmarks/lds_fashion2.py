@@ -141,7 +141,7 @@ def main() -> None:
     )
     total = round(time.perf_counter() - started, 1)
 
-    lds_dir = REPO / args.root / "fashion2" / "tiny" / "lds"
+    lds_dir = REPO / args.root / "fashion2" / "tiny" / "lds" / "full-seed0"
     document = json.loads((lds_dir / "lds.json").read_text())
     document["benchmark"] = {
         "command": (

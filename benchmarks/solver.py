@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from das_lightning.attribution.scores import DASReadout, KernelSolver, kernel_scores
+from das_lightning.attribution.kernel_solver import DASReadout, KernelSolver, kernel_scores
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_SIZES = ("1000x4096", "2000x8192", "5000x32768", "8192x4096")

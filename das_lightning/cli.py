@@ -140,14 +140,11 @@ def generation_settings(cfg: DictConfig, enabled: bool = True) -> GenerationSett
 
 
 def method_settings(cfg: DictConfig):
-    from das_lightning.attribution.features import FeatureSettings
-    from das_lightning.attribution.pipeline import MethodSettings
+    """The method's own settings class (das_lightning.attribution.settings), built from ``cfg.method``."""
+    from das_lightning.attribution.methods import method_settings as build
 
-    method = to_plain(
-        cfg.method
-    )  # features.param_pattern follows model.param_pattern (conf/method/features/)
-    features = method.pop("features", None)
-    return MethodSettings(**method, features=FeatureSettings(**features) if features else None)
+    # features.param_pattern follows model.param_pattern (conf/method/features/)
+    return build(to_plain(cfg.method))
 
 
 def collection_device(cfg: DictConfig):
@@ -199,6 +196,7 @@ def attribution_inputs(cfg: DictConfig, paths: RunPaths, method):
     from das_lightning.attribution.pipeline import AttributionInputs
     from das_lightning.models.adapters import PretrainedAdapter
     from das_lightning.queries import build_query_sets
+    from das_lightning.selection import lds_json_path
 
     adapter = model_adapter(cfg.model)
     train_set = dataset_from_config(cfg, split="train")
@@ -213,7 +211,7 @@ def attribution_inputs(cfg: DictConfig, paths: RunPaths, method):
     snapshots = training_snapshots(paths) if entry.needs_snapshots else []
     journey = {}
     if entry.needs_journey and "generated" in query_sets:
-        from das_lightning.attribution.journey import predicted_clean_steps
+        from das_lightning.attribution.methods.journey_support import predicted_clean_steps
 
         model.to(collection_device(cfg).torch_device())  # replaying SD trajectories on a CPU would take hours
         journey["generated"] = predicted_clean_steps(
@@ -228,7 +226,7 @@ def attribution_inputs(cfg: DictConfig, paths: RunPaths, method):
         scores_dir=paths.scores_dir,
         snapshots=snapshots,
         journey=journey,
-        lds_file=paths.lds_dir / "lds.json",
+        lds_file=lds_json_path(paths),
     )
 
 
@@ -270,10 +268,12 @@ def run_lds(cfg: DictConfig):
     from das_lightning.evaluation.pipeline import LDSSettings, evaluate
     from das_lightning.queries import build_query_sets
 
+    settings = LDSSettings(**to_plain(cfg.lds))
+    settings.validate()  # a typo in lds.* is named before any artifact is looked for
     paths = run_paths(cfg)
     train_set = dataset_from_config(cfg, split="train")
     query_sets = build_query_sets(query_settings(cfg), dataset_from_config(cfg, split="test"), paths)
-    logger = make_logger(cfg, paths.lds_dir, name="evaluate_lds", job_type="evaluate")
+    logger = make_logger(cfg, paths.lds_results_dir, name="evaluate_lds", job_type="evaluate")
     try:
         report = evaluate(
             paths,
@@ -281,7 +281,7 @@ def run_lds(cfg: DictConfig):
             query_sets,
             list(cfg.methods),
             [tuple(pair) for pair in cfg.pairs],
-            LDSSettings(**to_plain(cfg.lds)),
+            settings,
             collection_device(cfg),
             logger,
             adapter=model_adapter(cfg.model),
@@ -290,7 +290,7 @@ def run_lds(cfg: DictConfig):
         close_logger(logger)
     if is_global_zero():
         print(report.table)
-        print(f"\nwritten: {paths.lds_dir}/lds.json, lds.md, lds_vs_lambda_*.png")
+        print(f"\nwritten: {paths.lds_results_dir}/lds.json, lds.md, lds_vs_lambda_*.png")
     return report
 
 

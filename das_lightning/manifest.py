@@ -230,15 +230,25 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 def manifest_differences(
     on_disk: Mapping[str, Any], requested: Mapping[str, Any], ignore: Iterable[str] = ()
 ) -> dict[str, tuple[Any, Any]]:
-    """Keys whose values differ (a key missing on one side counts as ``None`` there)."""
+    """Keys whose values differ (a key missing on one side counts as ``None`` there). Nested settings are
+    compared key by key and named with dots (``settings.projector.seed``), so a refusal names only what differs."""
     on_disk, requested = _normalise(dict(on_disk)), _normalise(dict(requested))
-    skipped = set(ignore)
-    keys = (set(on_disk) | set(requested)) - skipped
-    return {
-        key: (on_disk.get(key), requested.get(key))
-        for key in sorted(keys)
-        if on_disk.get(key) != requested.get(key)
-    }
+    return _differences(on_disk, requested, set(ignore), "")
+
+
+def _differences(
+    on_disk: Mapping[str, Any], requested: Mapping[str, Any], skipped: set[str], prefix: str
+) -> dict[str, tuple[Any, Any]]:
+    found: dict[str, tuple[Any, Any]] = {}
+    for key in sorted((set(on_disk) | set(requested)) - skipped):
+        old, new = on_disk.get(key), requested.get(key)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            found.update(_differences(old, new, set(), f"{prefix}{key}."))
+        else:
+            found[f"{prefix}{key}"] = (old, new)
+    return found
 
 
 def check_or_write_manifest(folder: Path, requested: Mapping[str, Any], ignore: Iterable[str] = ()) -> None:

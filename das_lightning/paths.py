@@ -7,7 +7,8 @@
     queries/              generated query images
     features/<name>/      feature stores
     scores/<method>/      score matrices, top-k, grids
-<root>/<dataset>/<model>/lds/                         LDS ground truth and results
+<root>/<dataset>/<model>/lds/                         LDS ground truth (ground_truth/, shared)
+<root>/<dataset>/<model>/lds/full-seed<r>/            the LDS of full model r: lds.json, lds.md, plots
 """
 
 from __future__ import annotations
@@ -79,7 +80,13 @@ class RunPaths:
 
     @property
     def lds_dir(self) -> Path:
+        """The LDS of the experiment: ground-truth caches shared by every full model, and one results folder each."""
         return self.experiment_dir / "lds"
+
+    @property
+    def lds_results_dir(self) -> Path:
+        """The LDS results of this (full) model: lds.json, lds.md, plots, counterfactual checks."""
+        return self.lds_dir / f"{self.tag}-seed{self.seed}"
 
     def sibling(self, tag: str, seed: int) -> RunPaths:
         return RunPaths(self.root, self.dataset, self.model, tag, seed)

@@ -8,14 +8,14 @@ from typing import Any
 
 import numpy as np
 
-from das_lightning.attribution.scores import (
+from das_lightning.attribution.kernel_solver import (
     DASReadout,
     InnerProduct,
     RelativeInfluence,
     kernel_scores,
-    normalized_rows,
     summed_steps,
 )
+from das_lightning.attribution.rows import normalized_rows
 
 
 def sweep(

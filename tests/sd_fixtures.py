@@ -1,4 +1,4 @@
-"""Offline Stable Diffusion fixtures: the tiny random pipeline (built by ``das_lightning.models.tiny_sd``) and
+"""Offline Stable Diffusion fixtures: the tiny random pipeline (built by ``das_lightning_testing.tiny_sd``) and
 ArtBench-style image folders."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from das_lightning.models.tiny_sd import IMAGE_SIZE, build_tiny_sd_pipeline
+from das_lightning_testing.tiny_sd import IMAGE_SIZE, build_tiny_sd_pipeline
 
 __all__ = ["IMAGE_SIZE", "build_tiny_sd_pipeline", "write_style_folders"]
 

@@ -16,9 +16,9 @@ from torch.func import functional_call, jacrev
 from das_lightning.attribution.context import AttributionInputs, ScoringContext
 from das_lightning.attribution.features import CollectionDevice, FeatureSettings
 from das_lightning.attribution.grads import PerSampleGradients
-from das_lightning.attribution.methods import build_method
+from das_lightning.attribution.methods import MethodScores, build_method
 from das_lightning.attribution.methods.ekfac import refuse_several_processes
-from das_lightning.attribution.settings import MethodSettings
+from das_lightning.attribution.settings import EKFACSettings
 from das_lightning.data.base import TensorImageDataset
 from das_lightning.diffusion import add_noise, make_scheduler, rule_noise
 from das_lightning.errors import ConfigError
@@ -27,7 +27,7 @@ from das_lightning.models.adapters import MeasuredModel
 
 pytest.importorskip("kronfluence")
 
-from das_lightning.attribution.ekfac_task import tracked_module_names, tracked_parameter_names  # noqa: E402
+from das_lightning.attribution.methods.ekfac_support import tracked_module_names, tracked_parameter_names  # noqa: E402
 
 from conftest import tiny_unet  # noqa: E402
 
@@ -54,7 +54,7 @@ def toy_inputs(root: Path, num_train: int = 12, num_queries: int = 3) -> Attribu
     )
 
 
-def ekfac_settings(**changes) -> MethodSettings:
+def ekfac_settings(**changes) -> EKFACSettings:
     features = FeatureSettings(
         num_timesteps=2, batch_size=8, param_pattern=changes.pop("param_pattern", None)
     )
@@ -67,19 +67,21 @@ def ekfac_settings(**changes) -> MethodSettings:
         "lambda_scale": 0.1,
         "square": False,
     }
-    return MethodSettings(**{**defaults, **changes}, features=features)
+    return EKFACSettings(**{**defaults, **changes}, features=features)
 
 
-def ekfac_scores(inputs: AttributionInputs, settings: MethodSettings) -> tuple[dict, ScoringContext]:
+def ekfac_scores(inputs: AttributionInputs, settings: EKFACSettings) -> tuple[dict, MethodScores]:
+    """({c: scores} of the "val" queries, the method's whole result) of a fresh run."""
     context = ScoringContext(inputs, settings, CollectionDevice(enable_progress_bar=False), None)
-    return build_method(settings).scores(context, "val"), context
+    result = build_method(settings).scores(context, "val")
+    return result.by_scale, result
 
 
 def images_of(dataset: TensorImageDataset) -> torch.Tensor:
     return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
 
 
-def loss_gradients(inputs: AttributionInputs, settings: MethodSettings, names: list[str]) -> tuple:
+def loss_gradients(inputs: AttributionInputs, settings: EKFACSettings, names: list[str]) -> tuple:
     """Our own timestep-averaged loss gradients (TRAK's, unprojected) of the queries and the train images."""
     model, selected = inputs.model, set(names)
     gradients = PerSampleGradients(
@@ -104,20 +106,20 @@ def test_identity_strategy_scores_are_dot_products_of_our_loss_gradients(tmp_pat
     aligned gradients: TRAK's sign, no negation."""
     inputs = toy_inputs(tmp_path)
     settings = ekfac_settings(ekfac_strategy="identity", lambda_scales=[1e-3, 1.0], lambda_scale=1.0)
-    scores, context = ekfac_scores(inputs, settings)
+    scores, result = ekfac_scores(inputs, settings)
     network = inputs.model.network
     names = tracked_parameter_names(network, tracked_module_names(network))
     assert len(names) == 2 * len(tracked_module_names(network))  # weights and biases
     query_gradients, train_gradients = loss_gradients(inputs, settings, names)
     expected = (query_gradients @ train_gradients.T).numpy()
-    assert context.cache["lambda_unit"] == 1.0
+    assert result.lambda_unit == 1.0
     for c in (1e-3, 1.0):  # identity is undamped: every c gives the dot products
         assert scores[c].shape == (3, 12)
         assert np.abs(scores[c] - expected).max() < 1e-5 * np.abs(expected).max()
 
 
 def explicit_gauss_newton(
-    inputs: AttributionInputs, settings: MethodSettings, names: list[str]
+    inputs: AttributionInputs, settings: EKFACSettings, names: list[str]
 ) -> torch.Tensor:
     """sum over train images and timesteps of (2/d) J^T J, J = d eps_theta / d theta (d pixels x P), float64."""
     model, train = inputs.model, inputs.train_set
@@ -172,11 +174,11 @@ def test_ekfac_ranks_like_explicit_damped_gauss_newton_influence(tmp_path: Path)
 def test_factors_are_reused_resumed_and_refused_for_other_settings(tmp_path: Path) -> None:
     inputs = toy_inputs(tmp_path)
     settings = ekfac_settings(param_pattern=r"^conv_out\.")
-    first, context = ekfac_scores(inputs, settings)
+    first, result = ekfac_scores(inputs, settings)
     folder = tmp_path / "features" / "ekfac" / "ekfac-sampled"
     factor_files = sorted(folder.glob("factors_*/*.safetensors"))
     assert factor_files and (folder / "manifest.json").exists()
-    assert 0 < context.cache["spectrum"][0] <= 1 <= context.cache["spectrum"][1]
+    assert 0 < result.spectrum[0] <= 1 <= result.spectrum[1]
     written = {path: path.stat().st_mtime_ns for path in factor_files}
 
     # a finished fit is reused as it is, by a fresh run (new context): no factor file is rewritten

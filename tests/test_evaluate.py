@@ -61,7 +61,7 @@ def _evaluate(root: Path, *overrides: str):
 
 def test_lds_json_has_every_method_set_and_selection(lds_root: Path) -> None:
     _evaluate(lds_root)
-    document = json.loads((lds_root / "fashion2" / "tiny" / "lds" / "lds.json").read_text())
+    document = json.loads((lds_root / "fashion2" / "tiny" / "lds" / "full-seed0" / "lds.json").read_text())
     records = document["records"]
     keys = {(r["method"], r["query_set"], r["lambda_selection"]) for r in records}
     assert keys == {
@@ -83,8 +83,8 @@ def test_lds_json_has_every_method_set_and_selection(lds_root: Path) -> None:
         ("das", "pixel", "val"),
         ("das", "pixel", "generated"),
     }
-    assert (lds_root / "fashion2" / "tiny" / "lds" / "lds.md").read_text().count("das") >= 2
-    assert (lds_root / "fashion2" / "tiny" / "lds" / "lds_vs_lambda_val.png").exists()
+    assert (lds_root / "fashion2" / "tiny" / "lds" / "full-seed0" / "lds.md").read_text().count("das") >= 2
+    assert (lds_root / "fashion2" / "tiny" / "lds" / "full-seed0" / "lds_vs_lambda_val.png").exists()
 
 
 def test_ground_truth_is_cached_per_model(lds_root: Path) -> None:
@@ -131,13 +131,15 @@ def test_counterfactual_retrains_and_measures_distances(lds_root: Path) -> None:
             ],
         )
     )
-    result = json.loads((lds_root / "fashion2" / "tiny" / "lds" / "counterfactual_das.json").read_text())
+    result = json.loads(
+        (lds_root / "fashion2" / "tiny" / "lds" / "full-seed0" / "counterfactual_das.json").read_text()
+    )
     assert len(result["l2_top"]) == 1 and len(result["l2_random"]) == 1
     assert np.isfinite(result["median_l2_top"]) and result["median_l2_top"] > 0
     assert result["median_clip_cosine_top"] is None  # no local CLIP: reported as absent, never made up
     kept = json.loads((lds_root / "fashion2" / "tiny" / "cf-das-q0" / "seed0" / "subset.json").read_text())
     # the top-5 removed are those at the c the LDS selected on held-out queries (lds.json), not a picture default
-    document = json.loads((lds_root / "fashion2" / "tiny" / "lds" / "lds.json").read_text())
+    document = json.loads((lds_root / "fashion2" / "tiny" / "lds" / "full-seed0" / "lds.json").read_text())
     (selected,) = [
         r["lambda_scale"]
         for r in document["records"]
@@ -153,7 +155,7 @@ def test_attribution_after_the_lds_uses_its_heldout_lambda(lds_root: Path, tmp_p
     root = tmp_path / "again"
     shutil.copytree(lds_root, root)
     _evaluate(root)
-    document = json.loads((root / "fashion2" / "tiny" / "lds" / "lds.json").read_text())
+    document = json.loads((root / "fashion2" / "tiny" / "lds" / "full-seed0" / "lds.json").read_text())
     result = cli.run_attribute(compose("attribute", [f"paths.root={root}", *TINY_ATTRIBUTE]))
     for query_set in ("val", "generated"):
         (selected,) = [
@@ -216,7 +218,7 @@ def test_two_process_ddp_ground_truth_equals_one_process(lds_root: Path, tmp_pat
         "trainer.devices=2",
         cwd=root,
     )
-    document = json.loads((root / "fashion2" / "tiny" / "lds" / "lds.json").read_text())
+    document = json.loads((root / "fashion2" / "tiny" / "lds" / "full-seed0" / "lds.json").read_text())
     by_key = {(r["method"], r["query_set"], r["lambda_selection"]): r["lds"] for r in document["records"]}
     assert len(by_key) == len(single.records)
     for record in single.records:

@@ -472,8 +472,8 @@ def test_more_val_queries_than_the_test_split_is_refused(das_root: Path, tmp_pat
 
 
 def test_a_damaged_lds_json_is_refused_not_ignored(tmp_path: Path) -> None:
-    from das_lightning.lambdas import choose_scale
     from das_lightning.manifest import CorruptArtifactError
+    from das_lightning.selection import choose_scale
 
     (tmp_path / "lds.json").write_text('{"version": 2, "records": [{"method": "das"')
     with pytest.raises(CorruptArtifactError, match="lds.json is damaged.*evaluate_lds.py"):

@@ -22,8 +22,8 @@ from das_lightning.attribution.grads import PerSampleGradients
 from das_lightning.attribution.projectors import DenseProjector, ProjectorSettings, build_projector
 from das_lightning.data import build_dataset
 from das_lightning.diffusion import make_scheduler
-from das_lightning.models.tiny_sd import build_tiny_sd_pipeline, lora_step_and_features
 from das_lightning.models.unet import build_unet
+from das_lightning_testing.tiny_sd import build_tiny_sd_pipeline, lora_step_and_features
 
 from conftest import TINY_TRAIN, run_entry
 

@@ -13,7 +13,7 @@ from das_lightning.attribution.grads import (
     reference_flat_gradients,
     select_parameters,
 )
-from das_lightning.attribution.outputs import OUTPUT_FUNCTIONS, batched_output, get_output_function
+from das_lightning.attribution.output_functions import OUTPUT_FUNCTIONS, batched_output, get_output_function
 from das_lightning.attribution.timesteps import select_timesteps
 from das_lightning.diffusion import make_scheduler
 from das_lightning.models.attention import MatmulAttnProcessor, use_vmap_friendly_attention

@@ -10,16 +10,12 @@ import pytest
 import readouts
 import torch
 
+from das_lightning.attribution.kernel_solver import KernelSolver, magnitude_residuals
 from das_lightning.attribution.projectors import build_projector
-from das_lightning.attribution.scores import KernelSolver, magnitude_residuals
-from das_lightning.evaluation.lds import evaluate_method, heldout_halves, markdown_table
-from das_lightning.lambdas import (
-    LDS_JSON_VERSION,
-    choose_scale,
-    default_scale_grid,
-    grid_edge,
-    selected_scale,
-)
+from das_lightning.evaluation.lambda_selection import heldout_halves
+from das_lightning.evaluation.lds_report import evaluate_method, markdown_table
+from das_lightning.lambdas import default_scale_grid, grid_edge
+from das_lightning.selection import LDS_JSON_VERSION, choose_scale, selected_scale
 
 RNG = np.random.default_rng(0)
 

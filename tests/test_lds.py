@@ -12,19 +12,15 @@ from PIL import Image
 from scipy.stats import spearmanr
 from torchmetrics.functional import spearman_corrcoef
 
-from das_lightning.evaluation.lds import (
-    bootstrap_lds,
+from das_lightning.evaluation.lambda_selection import heldout_split, lds_by_lambda, select_lambda
+from das_lightning.evaluation.lds import bootstrap_lds, lds_per_query, paired_bootstrap_difference
+from das_lightning.evaluation.lds_report import (
     evaluate_method,
-    heldout_split,
-    lds_by_lambda,
-    lds_per_query,
     markdown_table,
-    paired_bootstrap_difference,
     paired_difference,
     plot_lds_vs_lambda,
-    select_lambda,
-    write_lds_json,
 )
+from das_lightning.selection import write_lds_json
 
 
 def synthetic_problem(
@@ -185,7 +181,12 @@ def test_method_without_lambda_and_outputs(tmp_path) -> None:
     difference = paired_difference(
         "trak", scores_by_lambda[0.1], "pixel", scores_by_lambda[10.0], masks, losses, "val", num_resamples=50
     )
-    write_lds_json(tmp_path / "lds.json", records, [difference], {"dataset": "toy"})
+    write_lds_json(
+        tmp_path / "lds.json",
+        [record.to_json() for record in records],
+        [difference.to_json()],
+        {"dataset": "toy"},
+    )
     document = json.loads((tmp_path / "lds.json").read_text())
     assert document["unit"] == "percent" and document["meta"] == {"dataset": "toy"}
     assert document["records"][2]["lambda_scale"] == 0.1 and "lambda_" not in document["records"][2]

@@ -22,7 +22,9 @@ def test_every_method_yaml_builds_its_registered_entry(name: str) -> None:
     assert settings.name == name and isinstance(entry, METHODS[settings.kind])
     # what the entry declares agrees with its settings: kernel methods (and EK-FAC's damping) have a lambda grid
     assert entry.has_lambda or not isinstance(entry, KernelMethod)
-    assert bool(settings.lambda_scales) == entry.has_lambda, "lambda_scales: [] for methods without lambda"
+    # a method without lambda has no grid at all (not an empty one), and its settings are its own class
+    assert hasattr(settings, "lambda_scales") == entry.has_lambda
+    assert type(settings) is type(entry).settings_class
     assert (settings.features is not None) or not entry.needs_features
 
 
@@ -42,22 +44,27 @@ def test_every_registered_kind_has_a_yaml() -> None:
         ("das", "method.kind=nope", "unknown method kind 'nope'; choose one of"),
         ("journey_trak", "method.journey_steps=0", "method.journey_steps must be at least 1"),
         ("trak", "+method.top_k=0", "method.top_k must be a positive integer"),
+        # a key of another method is refused by name, with the method's own keys listed
+        ("pixel", "+method.lambda_scales=[1.0]", "has no setting method.lambda_scales; its settings are"),
+        ("trak", "+method.residual=exact", "has no setting method.residual"),
+        ("ekfac", "+method.screen_by=pixel", "has no setting method.screen_by"),
+        ("das", "method.square=cubed", "method.square must be one of"),
     ],
 )
 def test_an_entry_refuses_its_own_bad_settings_when_built(
     method: str, override: str, message: str | None
 ) -> None:
-    settings = cli.method_settings(compose("attribute", [f"method={method}", override]))
+    config = compose("attribute", [f"method={method}", override])
     if message is None:
-        build_method(settings)
+        build_method(cli.method_settings(config))
         return
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        build_method(settings)
+        build_method(cli.method_settings(config))
 
 
 @pytest.mark.parametrize("signed", ["trak", "dtrak", "relatif"])
 def test_a_squared_variant_is_its_method_squared_on_the_same_features(signed: str) -> None:
-    from das_lightning.attribution.scores import kernel_scores
+    from das_lightning.attribution.kernel_solver import kernel_scores
 
     plain_settings = cli.method_settings(compose("attribute", [f"method={signed}"]))
     squared_settings = cli.method_settings(compose("attribute", [f"method={signed}_squared"]))
@@ -65,7 +72,7 @@ def test_a_squared_variant_is_its_method_squared_on_the_same_features(signed: st
     assert (
         squared_settings.kind == plain_settings.kind and squared_settings.features == plain_settings.features
     )
-    assert squared_settings.square and not plain_settings.square
+    assert squared_settings.square == "square" and plain_settings.square == "linear"
     plain_entry, squared_entry = build_method(plain_settings), build_method(squared_settings)
     assert squared_entry.headers()[1] == "largest change" and plain_entry.headers()[1] == "proponents"
 

@@ -8,11 +8,10 @@ import pytest
 import readouts
 import torch
 
-from das_lightning.attribution.scores import (
-    KernelSolver,
+from das_lightning.attribution.kernel_solver import KernelSolver, residual_weights
+from das_lightning.attribution.ranking import (
     cosine_scores,
     dot_scores,
-    residual_weights,
     screen_candidates,
     topk,
     tracin_scores,

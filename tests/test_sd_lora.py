@@ -456,7 +456,7 @@ def test_train_attribute_and_lds_run_end_to_end_on_a_lora_pipeline(
             [*experiment, *TINY_LDS],
         )
     )
-    records = json.loads((full.lds_dir / "lds.json").read_text())
+    records = json.loads((full.lds_results_dir / "lds.json").read_text())
     assert "das" in json.dumps(records)
     # the ground truth of a subset model is its conditioned latent loss on the queries
     subset = full.sibling("lds-0", 0)
@@ -531,7 +531,7 @@ def test_lora_pipeline_generates_conditioned_queries_and_attributes_them_along_t
 def test_latent_diffusion_generates_attributes_and_evaluates_on_one_latent_cache(
     pipeline_folder: Path, split_artbench_root: Path, tmp_path: Path
 ) -> None:
-    from das_lightning.attribution.journey import predicted_clean_steps
+    from das_lightning.attribution.methods.journey_support import predicted_clean_steps
     from das_lightning.models.latent import LatentDiffusionAdapter
 
     common = [
@@ -586,7 +586,7 @@ def test_latent_diffusion_generates_attributes_and_evaluates_on_one_latent_cache
             [*common, *queries, *TINY_LDS],
         )
     )
-    records = json.loads((full.lds_dir / "lds.json").read_text())["records"]
+    records = json.loads((full.lds_results_dir / "lds.json").read_text())["records"]
     assert {record["query_set"] for record in records} == {"val", "generated"}
     # training's latents of the training set are the ones attribution and the ground truth read: encoded once
     assert train_cache.stat().st_mtime_ns == written

@@ -4,15 +4,18 @@ run of the attribute stage, the feature stores, kernel solvers and candidate mas
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from das_lightning.attribution import scores as scoring
 from das_lightning.attribution.features import CollectionDevice, FeatureSettings, collect_features
+from das_lightning.attribution.kernel_solver import KernelSolver
+from das_lightning.attribution.ranking import cosine_scores, screen_candidates
+from das_lightning.attribution.rows import normalized_rows
 from das_lightning.attribution.settings import MethodSettings
 from das_lightning.attribution.store import FeatureStore
 from das_lightning.clip import clip_embeddings, dataset_images
@@ -20,6 +23,8 @@ from das_lightning.data import ImageDataset
 from das_lightning.file_queries import FileQueryDataset
 from das_lightning.manifest import hash_file
 from das_lightning.models.adapters import MeasuredModel
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -50,13 +55,23 @@ def flat_pixels(dataset: ImageDataset) -> np.ndarray:
 
 @dataclass
 class ScoringContext:
-    """One attribute run's shared work: stores and solvers are built once and reused by every query set."""
+    """One attribute run's shared work: stores and solvers are built once and reused by every query set.
+
+    What a method computes once per model and reuses across query sets (a solver, residual losses, fitted
+    factors) goes through :meth:`shared`; nothing a method computes reaches the pipeline except its
+    :class:`~das_lightning.attribution.methods.base.MethodScores`."""
 
     inputs: AttributionInputs
     method: MethodSettings
     device: CollectionDevice
     logger: Any
-    cache: dict[str, Any] = field(default_factory=dict)
+    _shared: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def shared(self, key: str, build: Callable[[], T]) -> T:
+        """``build()`` the first time ``key`` is asked for in this run (for this model), the same object after."""
+        if key not in self._shared:
+            self._shared[key] = build()
+        return self._shared[key]
 
     def feature_store(
         self,
@@ -85,10 +100,9 @@ class ScoringContext:
     def train_store(self, settings: FeatureSettings | None = None) -> FeatureStore:
         """The training set's features (the method's own unless ``settings`` names others), cached by name."""
         settings = settings or self.method.features
-        key = f"train:{settings.name}"
-        if key not in self.cache:
-            self.cache[key] = self.feature_store(settings, self.inputs.train_set, "train")
-        return self.cache[key]
+        return self.shared(
+            f"train:{settings.name}", lambda: self.feature_store(settings, self.inputs.train_set, "train")
+        )
 
     def query_store(self, query_set: str) -> FeatureStore:
         dataset = self.inputs.query_sets[query_set]
@@ -98,43 +112,34 @@ class ScoringContext:
             key = f"generated-of-{self.inputs.queries_of}"  # not this model's own generated images
         return self.feature_store(self.method.features, dataset, key)
 
-    def solver(self, normalized: bool = False) -> scoring.KernelSolver:
+    def solver(self, normalized: bool = False) -> KernelSolver:
         """The factorised kernel of the train features (of their unit-normalised rows with ``normalized``)."""
-        key = "solver-normalized" if normalized else "solver"
-        if key not in self.cache:
+
+        def build() -> KernelSolver:
             train = self.train_store().features
-            self.cache[key] = scoring.KernelSolver.from_features(
-                scoring.normalized_rows(train) if normalized else train, self.method.block_size
+            return KernelSolver.from_features(
+                normalized_rows(train) if normalized else train, self.method.block_size
             )
-        return self.cache[key]
+
+        return self.shared("solver-normalized" if normalized else "solver", build)
 
     def mask(self, query_set: str) -> np.ndarray | None:
         """Each query's candidates under ``method.screen_by`` (None: every training image)."""
         method = self.method
-        if method.screen_by is None:
+        if getattr(method, "screen_by", None) is None:
             return None
         if method.screen_by == "pixel":
-            cheap = scoring.cosine_scores(
+            cheap = cosine_scores(
                 flat_pixels(self.inputs.query_sets[query_set]), flat_pixels(self.inputs.train_set)
             )
         else:
-            cheap = scoring.cosine_scores(
+            cheap = cosine_scores(
                 clip_embeddings(self.inputs.query_sets[query_set], method.clip_model),
                 self.clip_train_embeddings(),
             )
-        return scoring.screen_candidates(cheap, method.screen_top)
+        return screen_candidates(cheap, method.screen_top)
 
     def clip_train_embeddings(self) -> np.ndarray:
-        if "clip-train" not in self.cache:
-            self.cache["clip-train"] = clip_embeddings(self.inputs.train_set, self.method.clip_model)
-        return self.cache["clip-train"]
-
-    def by_scale(self, solver: scoring.KernelSolver, score) -> dict[float, np.ndarray]:
-        """{c: scores} from a kernel scorer called with the absolute lambdas c * unit of the method's grid; records
-        the unit and the relative spectrum for the score manifest."""
-        unit = solver.lambda_unit
-        self.cache["lambda_unit"] = unit
-        self.cache["spectrum"] = solver.relative_spectrum()
-        scales = [float(c) for c in self.method.lambda_scales]
-        by_lambda = score([c * unit for c in scales])
-        return {c: by_lambda[c * unit] for c in scales}
+        return self.shared(
+            "clip-train", lambda: clip_embeddings(self.inputs.train_set, self.method.clip_model)
+        )

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -32,7 +31,7 @@ from das_lightning.artifacts import (
     training_snapshots,
 )
 from das_lightning.attribution.context import AttributionInputs
-from das_lightning.attribution.methods.base import Method
+from das_lightning.attribution.methods.base import Method, MethodScores
 from das_lightning.errors import ConfigError, MissingArtifactError
 from das_lightning.manifest import hash_file
 from das_lightning.models.adapters import ModelAdapter
@@ -144,19 +143,26 @@ def ensemble_members(
     return members
 
 
-def average_scores(per_member: list[dict[Any, np.ndarray]]) -> dict[Any, np.ndarray]:
-    """The members' scores averaged at each c (each member's {c: queries x train}; the same grid for all)."""
-    keys = set(per_member[0])
+def average_scores(per_member: list[MethodScores], members: list[AttributionInputs]) -> MethodScores:
+    """The members' scores averaged at each c (the same grid for all), with each member's record and own unit.
+
+    The ensemble's own unit and spectrum are the first member's (the primary model), kept for the manifest's
+    lambda column; each member's unit is in ``members``."""
+    keys = set(per_member[0].by_scale)
     for scores in per_member[1:]:
-        if set(scores) != keys:
+        if set(scores.by_scale) != keys:
             raise ValueError("ensemble members scored different lambda grids")
     result = {}
-    for key in per_member[0]:
-        total = np.zeros(per_member[0][key].shape, dtype=np.float64)
+    for key in per_member[0].by_scale:
+        total = np.zeros(per_member[0].by_scale[key].shape, dtype=np.float64)
         for scores in per_member:
-            total += scores[key]
+            total += scores.by_scale[key]
         result[key] = total / len(per_member)
-    return result
+    records = [
+        {**member_record(member), "lambda_unit": scores.lambda_unit}
+        for member, scores in zip(members, per_member, strict=True)
+    ]
+    return MethodScores(result, per_member[0].lambda_unit, per_member[0].spectrum, records)
 
 
 def member_record(member: AttributionInputs) -> dict[str, str]:

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 import torch
 from torch.func import functional_call, grad, vmap
 
-from das_lightning.attribution.outputs import get_output_function
+from das_lightning.attribution.output_functions import get_output_function
 from das_lightning.diffusion import add_noise, rule_noise
 from das_lightning.errors import ConfigError
 from das_lightning.models.attention import use_vmap_friendly_attention
@@ -88,7 +88,7 @@ class PerSampleGradients:
             ``model(noisy, timesteps, **unet_kwargs, **extra)``. Its attention processors are replaced in place
             by :class:`~das_lightning.models.attention.MatmulAttnProcessor` (same maths, traceable by vmap).
         alphas_cumprod: the scheduler's abar_t, shape (num_train_timesteps,).
-        output_function: a name in :data:`~das_lightning.attribution.outputs.OUTPUT_FUNCTIONS`.
+        output_function: a name in :data:`~das_lightning.attribution.output_functions.OUTPUT_FUNCTIONS`.
         timesteps: the K timesteps to average over (see :func:`~das_lightning.attribution.timesteps.select_timesteps`).
         normalize_per_timestep: divide each g_t by its L2 norm before averaging (DAS: on; TRAK, D-TRAK: off).
         param_filter: which parameters to differentiate: ``None`` (all with ``requires_grad``), a regex as in

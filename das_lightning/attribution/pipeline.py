@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +22,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from das_lightning.attribution import scores as scoring
 from das_lightning.attribution.context import AttributionInputs, ScoringContext
-from das_lightning.attribution.ensemble import average_scores, check_method, member_record
+from das_lightning.attribution.ensemble import average_scores, check_method
 from das_lightning.attribution.features import CollectionDevice
 from das_lightning.attribution.methods import Method, build_method
+from das_lightning.attribution.ranking import topk
 from das_lightning.attribution.settings import MethodSettings
 from das_lightning.data import ImageDataset, content_entry
 from das_lightning.distributed import is_global_zero
 from das_lightning.errors import ConfigError, MissingArtifactError, NumericalError
 from das_lightning.file_queries import FileQueryDataset
-from das_lightning.lambdas import ChosenScale, choose_scale
 from das_lightning.manifest import (
     FILES_KEY,
     atomic_save,
@@ -45,6 +44,7 @@ from das_lightning.manifest import (
     write_manifest,
 )
 from das_lightning.report import write_report
+from das_lightning.selection import ChosenScale, choose_scale
 from das_lightning.viz import active_run, attribution_grid, image_grid, log_images_to_wandb, log_table
 
 log = logging.getLogger(__name__)
@@ -78,46 +78,59 @@ def attribute(
     entry = validate_method(method, ensemble=bool(members))
     entry.check_available()  # fail before anything is written
     contexts = [ScoringContext(member, method, device, logger) for member in members or [inputs]]
-    context = contexts[0]
     folders: dict[str, Path] = {}
     chosen: dict[str, ChosenScale | None] = {}
-    for query_set, queries in inputs.query_sets.items():
+    for query_set, queries in attributable_sets(entry, inputs.query_sets).items():
         per_member = [entry.scores(member, query_set) for member in contexts]
-        by_scale = per_member[0] if len(per_member) == 1 else average_scores(per_member)
-        scales = sorted(by_scale, key=lambda c: -1.0 if c is None else c)
-        stacked = np.stack([by_scale[c] for c in scales]).astype(np.float32)  # lambdas x queries x train
+        result = (
+            per_member[0]
+            if not members
+            else average_scores(per_member, [member.inputs for member in contexts])
+        )
+        scales = sorted(result.by_scale, key=lambda c: -1.0 if c is None else c)
+        stacked = np.stack([result.by_scale[c] for c in scales]).astype(
+            np.float32
+        )  # lambdas x queries x train
         if not np.all(np.isfinite(stacked)):
             raise NumericalError(f"{method.name}: non-finite scores for {query_set}; check the features")
-        has_lambda = scales != [None]
         chosen[query_set] = (
-            choose_scale(inputs.lds_file, method.name, query_set, method.lambda_scale) if has_lambda else None
+            choose_scale(inputs.lds_file, method.name, query_set, method.lambda_scale)
+            if result.has_lambda
+            else None
         )
-        if chosen[query_set] is not None and chosen[query_set].scale not in by_scale:
+        if chosen[query_set] is not None and chosen[query_set].scale not in result.by_scale:
             raise ConfigError(
                 f"lambda scale c = {chosen[query_set].scale:g} ({chosen[query_set].source}) is not on the grid "
                 f"method.lambda_scales; add it or set method.lambda_scale to a grid value"
             )
-        lambda_info = (
-            {
-                "lambda_scales": scales,
-                "lambda_unit": context.cache["lambda_unit"],
-                "lambdas": [c * context.cache["lambda_unit"] for c in scales],
-                "spectrum_relative": list(context.cache["spectrum"]),
-            }
-            if has_lambda
-            else {"lambda_scales": None, "lambda_unit": None, "lambdas": None}
-        )
-        if members:
-            lambda_info["ensemble"] = [
-                {**member_record(member.inputs), "lambda_unit": member.cache.get("lambda_unit")}
-                for member in contexts
-            ]
+        lambda_info = result.lambda_record()
         folder = inputs.scores_dir / method.name / query_set
         folders[query_set] = folder
         if is_global_zero():
             _write_scores(folder, stacked, lambda_info, chosen[query_set], entry, inputs, queries)
             _log_pictures(folder, logger, method.name, query_set, queries, inputs.train_set)
     return AttributionResult(method.name, folders, chosen)
+
+
+def attributable_sets(entry: Method, query_sets: dict[str, ImageDataset]) -> dict[str, ImageDataset]:
+    """The query sets ``entry`` can attribute; the others are named and skipped (none left: an error)."""
+    if entry.needs_query_sets is None:
+        return query_sets
+    kept = {name: queries for name, queries in query_sets.items() if name in entry.needs_query_sets}
+    skipped = sorted(set(query_sets) - set(kept))
+    if not kept:
+        raise ConfigError(
+            f"method {entry.settings.name!r} attributes only {', '.join(entry.needs_query_sets)} queries; "
+            f"asked for {', '.join(sorted(query_sets))}: set queries.sets=[{','.join(entry.needs_query_sets)}]"
+        )
+    if skipped:
+        log.warning(
+            "%s attributes only %s queries: skipping %s",
+            entry.settings.name,
+            ", ".join(entry.needs_query_sets),
+            ", ".join(skipped),
+        )
+    return kept
 
 
 def validate_method(method: MethodSettings, ensemble: bool = False) -> Method:
@@ -133,11 +146,8 @@ def score_manifest(
     method: MethodSettings, inputs: AttributionInputs, queries: ImageDataset, lambda_info: dict[str, Any]
 ) -> dict[str, Any]:
     """What a score matrix was made from; evaluate_lds refuses scores for another train set or query list."""
-    settings = asdict(method)
-    for key in ("lambda_scale", "top_k", "num_grid_queries", "block_size"):
-        settings.pop(key)
     return {
-        "method": settings,
+        "method": method.scored_settings(),
         **lambda_info,
         "checkpoint": hash_file(inputs.model.weights_file),
         "train_set": inputs.train_set.set_name,
@@ -174,7 +184,7 @@ def _write_scores(
     folder.mkdir(parents=True, exist_ok=True)
     write_manifest(folder, {**manifest, "picture": picture, "complete": False})
     atomic_save(folder / SCORES_FILE, lambda tmp: np.save(tmp, stacked))
-    top = scoring.topk(scores_at(stacked, manifest, None if chosen is None else chosen.scale), method.top_k)
+    top = topk(scores_at(stacked, manifest, None if chosen is None else chosen.scale), method.top_k)
     names = {"query_names": queries.file_names} if isinstance(queries, FileQueryDataset) else {}
     atomic_write_text(folder / "topk.json", json.dumps({"picture": picture, **names, **top}))
     headers = entry.headers()

@@ -9,21 +9,15 @@ from das_lightning.evaluation.ground_truth import (
     query_losses,
     read_prediction_files,
 )
-from das_lightning.evaluation.lds import (
+from das_lightning.evaluation.lambda_selection import heldout_split, lds_by_lambda, select_lambda
+from das_lightning.evaluation.lds import LDSResult, bootstrap_lds, lds_per_query, paired_bootstrap_difference
+from das_lightning.evaluation.lds_report import (
     LDSRecord,
-    LDSResult,
     PairedDifference,
-    bootstrap_lds,
     evaluate_method,
-    heldout_split,
-    lds_by_lambda,
-    lds_per_query,
     markdown_table,
-    paired_bootstrap_difference,
     paired_difference,
     plot_lds_vs_lambda,
-    select_lambda,
-    write_lds_json,
 )
 
 __all__ = [
@@ -47,5 +41,4 @@ __all__ = [
     "query_losses",
     "read_prediction_files",
     "select_lambda",
-    "write_lds_json",
 ]

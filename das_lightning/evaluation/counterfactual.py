@@ -17,12 +17,13 @@ from das_lightning.artifacts import load_finished, load_generated_queries, store
 from das_lightning.attribution.pipeline import load_scores, scores_at
 from das_lightning.clip import clip_image_embeddings, load_local_clip
 from das_lightning.data import ImageDataset
-from das_lightning.lambdas import DEFAULT_LAMBDA_SCALE, choose_scale
+from das_lightning.lambdas import DEFAULT_LAMBDA_SCALE
 from das_lightning.manifest import atomic_write_text
 from das_lightning.models.adapters import ModelAdapter
 from das_lightning.models.sampling import ddim_sample
 from das_lightning.paths import RunPaths
 from das_lightning.seeding import derive_seed
+from das_lightning.selection import choose_scale, lds_json_path
 from das_lightning.training import SubsetSettings
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def counterfactual(
     chosen = None
     if manifest.get("lambda_scales"):
         default = (manifest.get("picture") or {}).get("lambda_scale", DEFAULT_LAMBDA_SCALE)
-        chosen = choose_scale(paths.lds_dir / "lds.json", settings.method, "generated", default)
+        chosen = choose_scale(lds_json_path(paths), settings.method, "generated", default)
         log.info("counterfactual: top-k of %s at c = %g (%s)", settings.method, chosen.scale, chosen.source)
     scores = scores_at(stacked, manifest, None if chosen is None else chosen.scale)
     originals, _, _ = load_generated_queries(paths)
@@ -110,7 +111,7 @@ def counterfactual(
         lambda_scale=None if chosen is None else chosen.scale,
         lambda_source=None if chosen is None else chosen.source,
     )
-    out = paths.lds_dir / f"counterfactual_{settings.method}.json"
+    out = paths.lds_results_dir / f"counterfactual_{settings.method}.json"
     atomic_write_text(Path(out), json.dumps(result.__dict__, indent=2))
     return result
 

@@ -20,7 +20,7 @@ from das_lightning.attribution.pipeline import load_scores
 from das_lightning.data import ImageDataset, content_entry, load_index_record
 from das_lightning.diffusion import NUM_TRAIN_TIMESTEPS
 from das_lightning.distributed import build_trainer, is_global_zero
-from das_lightning.errors import MissingArtifactError
+from das_lightning.errors import ConfigError, MissingArtifactError
 from das_lightning.evaluation.ground_truth import (
     GroundTruthModule,
     LossPredictionWriter,
@@ -29,18 +29,20 @@ from das_lightning.evaluation.ground_truth import (
     ground_truth_manifest,
     read_prediction_files,
 )
-from das_lightning.evaluation.lds import (
+from das_lightning.evaluation.lambda_selection import (
+    HELDOUT_MODES,
+    heldout_halves,
+    lds_by_lambda,
+    select_lambda,
+    subset_rows,
+)
+from das_lightning.evaluation.lds_report import (
     LDSRecord,
     PairedDifference,
     evaluate_method,
-    heldout_halves,
-    lds_by_lambda,
     markdown_table,
     paired_difference,
     plot_lds_vs_lambda,
-    select_lambda,
-    subset_rows,
-    write_lds_json,
 )
 from das_lightning.manifest import (
     CorruptArtifactError,
@@ -52,6 +54,7 @@ from das_lightning.manifest import (
 )
 from das_lightning.models.adapters import ModelAdapter, dataset_extra
 from das_lightning.paths import RunPaths, subset_tag
+from das_lightning.selection import lds_json_path, write_lds_json
 from das_lightning.training import SEED_RULE
 
 log = logging.getLogger(__name__)
@@ -68,11 +71,35 @@ class LDSSettings:
     pair_batch_size: int = 512
     num_resamples: int = 1000
     bootstrap_seed: int = 0
-    heldout: str = "queries"  # queries | queries_and_subsets (see evaluation.lds.HeldoutHalves)
+    heldout: str = "queries"  # queries | queries_and_subsets (see evaluation.lambda_selection.HeldoutHalves)
 
     @property
     def timesteps(self) -> list[int]:
         return list(range(0, NUM_TRAIN_TIMESTEPS, self.timestep_stride))
+
+    def validate(self) -> None:
+        """Every check of ``lds.*``, before any artifact is looked for."""
+        if self.heldout not in HELDOUT_MODES:
+            raise ConfigError(f"lds.heldout must be one of {list(HELDOUT_MODES)}, not {self.heldout!r}")
+        if int(self.num_subsets) < 2:
+            raise ConfigError(f"lds.num_subsets must be at least 2, got {self.num_subsets}")
+        if self.heldout == "queries_and_subsets" and int(self.num_subsets) < 4:
+            raise ConfigError(
+                f"lds.heldout=queries_and_subsets needs at least 4 subsets, got {self.num_subsets}"
+            )
+        if not 0.0 < float(self.alpha) < 1.0:
+            raise ConfigError(
+                f"lds.alpha is the fraction of the training set kept, in (0, 1): got {self.alpha}"
+            )
+        if not self.seeds or not self.e_seeds:
+            raise ConfigError("lds.seeds and lds.e_seeds need at least one value each")
+        if not 1 <= int(self.timestep_stride) <= NUM_TRAIN_TIMESTEPS:
+            raise ConfigError(
+                f"lds.timestep_stride must be in [1, {NUM_TRAIN_TIMESTEPS}], got {self.timestep_stride}"
+            )
+        for key in ("query_batch_size", "pair_batch_size", "num_resamples"):
+            if int(getattr(self, key)) < 1:
+                raise ConfigError(f"lds.{key} must be a positive integer, got {getattr(self, key)}")
 
 
 class MissingSubsetModelsError(MissingArtifactError):
@@ -209,9 +236,19 @@ def ground_truth(
 
 def method_scores(
     scores_dir: Path, method: str, query_set: str, queries: ImageDataset, train_set: ImageDataset
-) -> tuple[dict[float | None, np.ndarray], float | None]:
-    """({c: queries x train}, lambda unit) of a method, refusing scores made for another training set or query
-    list, or on the old absolute lambda grid."""
+) -> tuple[dict[float | None, np.ndarray], float | None, list[dict[str, Any]]]:
+    """({c: queries x train}, lambda unit, ensemble members) of a method, refusing scores made for another training
+    set or query list, or on the old absolute lambda grid; a method with no score folder is named with those that
+    have one."""
+    if not (scores_dir / method).is_dir():
+        present = (
+            sorted(path.name for path in scores_dir.glob("*") if path.is_dir()) if scores_dir.is_dir() else []
+        )
+        raise MissingArtifactError(
+            f"method {method!r} has no scores for this model (looked in {scores_dir}); "
+            f"scored here: {', '.join(present) or 'none'}. Run `python attribute.py method={method}` first, "
+            "or fix the name in methods=[...]"
+        )
     stacked, manifest = load_scores(scores_dir / method / query_set)
     expected = {
         "train_set": train_set.set_name,
@@ -231,9 +268,11 @@ def method_scores(
             {"lambda_scales": (None, "c x trace(K)/N")},
         )
     scales = manifest["lambda_scales"]
+    members = manifest.get("ensemble") or []
     if not scales:
-        return {None: np.array(stacked[0])}, None
-    return {float(c): np.array(stacked[i]) for i, c in enumerate(scales)}, float(manifest["lambda_unit"])
+        return {None: np.array(stacked[0])}, None, members
+    by_scale = {float(c): np.array(stacked[i]) for i, c in enumerate(scales)}
+    return by_scale, float(manifest["lambda_unit"]), members
 
 
 @dataclass
@@ -258,13 +297,14 @@ def evaluate(
     """LDS of every method on every query set, with held-out and oracle lambda, CIs and paired differences.
 
     ``adapter`` (from the model config) loads and feeds the subset models; default: pixel DDPM."""
-    masks, runs = subset_models(paths, settings, len(train_set))
-    # read every score matrix first: a mismatch should stop us before the expensive ground truth
+    settings.validate()
+    # read every score matrix first: a typo or a mismatch should stop us before the subset models are looked for
     scores = {
         (method, name): method_scores(paths.scores_dir, method, name, queries, train_set)
         for name, queries in query_sets.items()
         for method in methods
     }
+    masks, runs = subset_models(paths, settings, len(train_set))
     records: list[LDSRecord] = []
     differences: list[PairedDifference] = []
     curves: dict[str, dict[str, dict[float, float]]] = {}
@@ -275,7 +315,7 @@ def evaluate(
         report_masks, report_losses = subset_rows(masks, losses, halves.report_subsets)
         chosen: dict[str, np.ndarray] = {}
         for method in methods:
-            by_lambda, unit = scores[(method, name)]
+            by_lambda, unit, members = scores[(method, name)]
             records += evaluate_method(
                 by_lambda,
                 masks,
@@ -286,6 +326,7 @@ def evaluate(
                 settings.bootstrap_seed,
                 lambda_unit=unit,
                 heldout=settings.heldout,
+                members=members,
             )
             if None not in by_lambda:
                 curves.setdefault(name, {})[method] = lds_by_lambda(by_lambda, masks, losses)
@@ -311,11 +352,11 @@ def evaluate(
     table = markdown_table(records, differences)
     if not is_global_zero():  # under DDP every rank computed the same report; one writes it
         return LDSReport(records, differences, curves, table)
-    out = paths.lds_dir
+    out = paths.lds_results_dir
     write_lds_json(
-        out / "lds.json",
-        records,
-        differences,
+        lds_json_path(paths),
+        [record.to_json() for record in records],
+        [difference.to_json() for difference in differences],
         {
             "num_subsets": settings.num_subsets,
             "seeds": settings.seeds,

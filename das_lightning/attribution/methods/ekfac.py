@@ -38,16 +38,23 @@ import torch
 
 from das_lightning.attribution.context import ScoringContext
 from das_lightning.attribution.features import CollectionDevice
-from das_lightning.attribution.methods.base import Method, register
+from das_lightning.attribution.methods.base import Method, MethodScores, register
+from das_lightning.attribution.settings import EKFACSettings
 from das_lightning.data import dataset_identity
 from das_lightning.errors import ConfigError
 from das_lightning.manifest import check_or_write_manifest, hash_file
 
 INSTALL = "pip install --no-deps 'kronfluence==1.0.1'"
-# method.measurement -> the output function of attribution/outputs.py differentiated on a query
+# method.measurement -> the output function of attribution/output_functions.py differentiated on a query
 MEASUREMENTS = {"loss": "loss", "mean": "mean", "square_norm": "square"}
 STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
 FISHERS = ("sampled", "empirical")
+# method.square: the power of the influence score
+READOUT_POWERS = {
+    "linear": lambda s: s,
+    "square": np.square,
+    "signed_square": lambda s: np.sign(s) * np.square(s),
+}
 
 
 def require_kronfluence() -> None:
@@ -81,7 +88,7 @@ def refuse_several_processes(device: CollectionDevice) -> None:
 class EKFAC(Method):
     """EK-FAC influence g_q^T (G + lambda I)^-1 g_i on the lambda grid (squared with ``method.square``)."""
 
-    has_lambda = True
+    settings_class = EKFACSettings
 
     def validate(self) -> None:
         settings = self.settings
@@ -97,8 +104,6 @@ class EKFAC(Method):
             raise ConfigError(
                 f"method.ekfac_fisher must be one of {list(FISHERS)}, not {settings.ekfac_fisher!r}"
             )
-        if settings.screen_by is not None:
-            raise ConfigError("method.kind=ekfac scores every training image: set method.screen_by=null")
         if int(settings.features.batch_size) < 1:
             raise ConfigError(
                 f"method.features.batch_size must be positive, got {settings.features.batch_size}"
@@ -131,19 +136,20 @@ class EKFAC(Method):
 
     def _fitted(self, context: ScoringContext) -> dict[str, Any]:
         """The analyzer with its factors fitted (or reused), and the damping unit; made once per run."""
-        if "ekfac" in context.cache:
-            return context.cache["ekfac"]
+        return context.shared("ekfac-factors", lambda: self._fit(context))
+
+    def _fit(self, context: ScoringContext) -> dict[str, Any]:
         require_kronfluence()
         refuse_several_processes(context.device)
-        from das_lightning.attribution import ekfac_task
+        from das_lightning.attribution.methods import ekfac_support
 
         settings, features, model = self.settings, self.settings.features, context.inputs.model
-        tracked = ekfac_task.tracked_module_names(model.network, features.param_pattern)
+        tracked = ekfac_support.tracked_module_names(model.network, features.param_pattern)
         folder = self.factors_folder(context)
         folder.mkdir(parents=True, exist_ok=True)
         check_or_write_manifest(folder, self.factor_manifest(context, tracked))
         train_set = model.model_space(context.inputs.train_set)
-        task = ekfac_task.DiffusionTask(
+        task = ekfac_support.DiffusionTask(
             model.alphas_cumprod,
             features.timestep_list(),
             features.e_seed,
@@ -152,7 +158,7 @@ class EKFAC(Method):
             tracked_modules=tracked,
             extra_inputs=model.extra_inputs,
         )
-        analyzer = ekfac_task.make_analyzer(
+        analyzer = ekfac_support.make_analyzer(
             model.network,
             task,
             folder.parent,
@@ -160,32 +166,24 @@ class EKFAC(Method):
             cpu=context.device.torch_device().type == "cpu",
             progress_bar=context.device.enable_progress_bar,
         )
-        ekfac_task.fit_factors(
+        ekfac_support.fit_factors(
             analyzer, train_set, settings.ekfac_strategy, settings.ekfac_fisher, features.batch_size
         )
-        eigenvalues = ekfac_task.curvature_eigenvalues(analyzer, settings.ekfac_strategy)
+        eigenvalues = ekfac_support.curvature_eigenvalues(analyzer, settings.ekfac_strategy)
         if eigenvalues is None:  # identity: G = I, no damping
             unit, spectrum = 1.0, (1.0, 1.0)
         else:
             unit = float(eigenvalues.mean())
             spectrum = (float(eigenvalues.min()) / unit, float(eigenvalues.max()) / unit)
-        context.cache["ekfac"] = {
-            "analyzer": analyzer,
-            "train_set": train_set,
-            "unit": unit,
-            "spectrum": spectrum,
-        }
-        return context.cache["ekfac"]
+        return {"analyzer": analyzer, "train_set": train_set, "unit": unit, "spectrum": spectrum}
 
-    def scores(self, context: ScoringContext, query_set: str) -> dict[float | None, np.ndarray]:
+    def scores(self, context: ScoringContext, query_set: str) -> MethodScores:
         settings = self.settings
         fitted = self._fitted(context)
         analyzer, unit = fitted["analyzer"], fitted["unit"]
-        context.cache["lambda_unit"] = unit
-        context.cache["spectrum"] = fitted["spectrum"]
         queries = context.inputs.model.model_space(context.inputs.query_sets[query_set])
         analyzer.task.query_set_name = queries.set_name  # the queries' own noise
-        from das_lightning.attribution import ekfac_task
+        from das_lightning.attribution.methods import ekfac_support
 
         identity = json.dumps(
             {**dataset_identity(queries), "measurement": settings.measurement}, sort_keys=True
@@ -198,12 +196,12 @@ class EKFAC(Method):
         for c in (float(value) for value in settings.lambda_scales):
             if settings.ekfac_strategy == "identity":  # G = I: one pass serves every c
                 if undamped is None:
-                    undamped = ekfac_task.pairwise_scores(
+                    undamped = ekfac_support.pairwise_scores(
                         analyzer, key, queries, fitted["train_set"], 0.0, settings.features.batch_size
                     )
                 scores = undamped
             else:
-                scores = ekfac_task.pairwise_scores(
+                scores = ekfac_support.pairwise_scores(
                     analyzer,
                     f"{key}-c{c:g}",
                     queries,
@@ -212,11 +210,11 @@ class EKFAC(Method):
                     settings.features.batch_size,
                 )
             scores = scores.double().cpu().numpy()  # (queries, train)
-            by_scale[c] = np.square(scores) if settings.square else scores
-        return by_scale
+            by_scale[c] = READOUT_POWERS[settings.square](scores)
+        return MethodScores(by_scale, unit, fitted["spectrum"])
 
     def headers(self) -> tuple[str, str, str]:
         """A squared score ranks by the size of a change, not its sign."""
-        if self.settings.square:
+        if self.settings.square == "square":
             return ("query", "largest change", "smallest change")
         return super().headers()

@@ -7,24 +7,27 @@ from dataclasses import asdict
 
 import numpy as np
 
-from das_lightning.attribution import scores as scoring
 from das_lightning.attribution.context import ScoringContext
 from das_lightning.attribution.features import FeatureSettings
-from das_lightning.attribution.methods.base import register
+from das_lightning.attribution.kernel_solver import kernel_scores, summed_steps
+from das_lightning.attribution.methods.base import MethodScores, register
 from das_lightning.attribution.methods.kernel import KernelMethod
+from das_lightning.attribution.settings import JourneySettings
 from das_lightning.data import ModelSpaceDataset
 from das_lightning.errors import ConfigError
 
 
 @register("journey_trak")
 class JourneyTRAK(KernelMethod):
+    settings_class = JourneySettings
     needs_journey = True
+    needs_query_sets = ("generated",)  # only generated images have a denoising trajectory
 
     def validate(self) -> None:
         if self.settings.journey_steps < 1:
             raise ConfigError(f"method.journey_steps must be at least 1, got {self.settings.journey_steps}")
 
-    def scores(self, context: ScoringContext, query_set: str) -> dict[float | None, np.ndarray]:
+    def scores(self, context: ScoringContext, query_set: str) -> MethodScores:
         inputs, settings = context.inputs, self.settings
         if query_set not in inputs.journey:
             raise ConfigError(
@@ -45,12 +48,12 @@ class JourneyTRAK(KernelMethod):
             )
             state.content_id = dataset.content_id  # replayed from exactly these generated images
             steps.append(context.feature_store(features, state, f"{query_set}-journey-t{timestep}").features)
-        queries = scoring.summed_steps(np.stack([np.asarray(step) for step in steps]))
+        queries = summed_steps(np.stack([np.asarray(step) for step in steps]))
         train = context.train_store().features
         solver = context.solver()
-        return context.by_scale(
+        return self.on_grid(
             solver,
-            lambda lambdas: scoring.kernel_scores(
+            lambda lambdas: kernel_scores(
                 queries, train, lambdas, self.readout(context), solver=solver, block_size=settings.block_size
             ),
         )

@@ -8,13 +8,24 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-import numpy as np
 import torch
 
-from das_lightning.attribution import scores as scoring
 from das_lightning.attribution.context import AttributionInputs, ScoringContext
 from das_lightning.attribution.features import FeatureSettings
-from das_lightning.attribution.methods.base import Method, register
+from das_lightning.attribution.kernel_solver import (
+    DASReadout,
+    InnerProduct,
+    KernelSolver,
+    Readout,
+    RelativeInfluence,
+    kernel_scores,
+    magnitude_residuals,
+    powered,
+    residual_weights,
+)
+from das_lightning.attribution.methods.base import Method, MethodScores, register
+from das_lightning.attribution.rows import RowView, normalized_rows
+from das_lightning.attribution.settings import DASSettings, KernelSettings
 from das_lightning.clip import dataset_images
 from das_lightning.diffusion import query_losses
 from das_lightning.errors import ConfigError
@@ -24,41 +35,48 @@ from das_lightning.models.adapters import dataset_extra
 class KernelMethod(Method):
     """phi_q^T (K + lambda I)^-1 phi_i, finished by :meth:`readout`, on the lambda grid.
 
-    ``method.square=true`` squares the readout (the *_squared variants: trak_squared, dtrak_squared,
-    relatif_squared): SNR-LDS measured that squaring raises a kernel method's LDS, so this separates what DAS's
-    square contributes from what its features, leverage and residual do."""
+    ``method.square`` sets the readout's power: ``square`` (the *_squared variants: trak_squared, dtrak_squared,
+    relatif_squared) or ``signed_square``: SNR-LDS measured that squaring raises a kernel method's LDS, so this
+    separates what DAS's square contributes from what its features, leverage and residual do."""
 
-    has_lambda = True
+    settings_class = KernelSettings
     normalized_rows = False  # renormalized influence: unit rows for the kernel and the queries
 
-    def signed_readout(self, context: ScoringContext) -> scoring.Readout:
+    def signed_readout(self, context: ScoringContext) -> Readout:
         """The method's score before ``method.square``."""
-        return scoring.InnerProduct()
+        return InnerProduct()
 
-    def readout(self, context: ScoringContext) -> scoring.Readout:
-        signed = self.signed_readout(context)
-        return scoring.Squared(signed) if self.settings.square else signed
+    def readout(self, context: ScoringContext) -> Readout:
+        return powered(self.signed_readout(context), self.settings.square)
 
     def headers(self) -> tuple[str, str, str]:
         """A squared score ranks by the size of a change, not its sign."""
-        if self.settings.square:
+        if self.settings.square == "square":
             return ("query", "largest change", "smallest change")
         return super().headers()
+
+    def on_grid(self, solver: KernelSolver, score) -> MethodScores:
+        """The scores of ``score`` (a kernel scorer called with absolute lambdas) at lambda = c x the kernel's unit
+        for each c of the method's grid, with that unit and the kernel's relative spectrum."""
+        unit = solver.lambda_unit
+        scales = [float(c) for c in self.settings.lambda_scales]
+        by_lambda = score([c * unit for c in scales])
+        return MethodScores({c: by_lambda[c * unit] for c in scales}, unit, tuple(solver.relative_spectrum()))
 
     def train_psi(self, context: ScoringContext) -> Any:
         return None
 
-    def scores(self, context: ScoringContext, query_set: str) -> dict[float | None, np.ndarray]:
+    def scores(self, context: ScoringContext, query_set: str) -> MethodScores:
         readout, psi = self.readout(context), self.train_psi(context)
         train = context.train_store().features
         queries = context.query_store(query_set).features
         if self.normalized_rows:
-            train, queries = scoring.normalized_rows(train), scoring.normalized_rows(queries)
+            train, queries = normalized_rows(train), normalized_rows(queries)
         solver = context.solver(self.normalized_rows)
         mask = context.mask(query_set)
-        return context.by_scale(
+        return self.on_grid(
             solver,
-            lambda lambdas: scoring.kernel_scores(
+            lambda lambdas: kernel_scores(
                 queries,
                 train,
                 lambdas,
@@ -85,8 +103,8 @@ class DTRAK(KernelMethod):
 class RelatIF(KernelMethod):
     """Relative influence: TRAK / sqrt(phi_i^T (K + lambda I)^-1 phi_i)."""
 
-    def signed_readout(self, context: ScoringContext) -> scoring.Readout:
-        return scoring.RelativeInfluence()
+    def signed_readout(self, context: ScoringContext) -> Readout:
+        return RelativeInfluence()
 
 
 @register("renorm")
@@ -103,12 +121,14 @@ RESIDUALS = {
     "magnitude": "r_i = sqrt(mean_t L_t(x_i)) relative to its mean over the training images",
     "exact": "Sherman-Morrison with psi_i, the projected gradient of x_i's own training loss",
 }
-RESIDUAL_WEIGHTS = {"normalized": scoring.residual_weights, "magnitude": scoring.magnitude_residuals}
+RESIDUAL_WEIGHTS = {"normalized": residual_weights, "magnitude": magnitude_residuals}
 
 
 @register("das")
 class DAS(KernelMethod):
     """DAS: (phi_q^T (K + lambda I)^-1 phi_i * r_i / (1 - h_ii))^2 with the residual of ``method.residual``."""
+
+    settings_class = DASSettings
 
     def validate(self) -> None:
         settings = self.settings
@@ -125,28 +145,28 @@ class DAS(KernelMethod):
                 f"method.residual_timesteps must be at least 1, got {settings.residual_timesteps}"
             )
 
-    def readout(self, context: ScoringContext) -> scoring.Readout:
-        """DAS squares inside its own readout (the exact residual squares the whole Sherman-Morrison change)."""
+    def signed_readout(self, context: ScoringContext) -> Readout:
+        """The signed change (the exact residual's is the whole Sherman-Morrison change); squared by default."""
         settings = self.settings
         residuals = None
         if settings.residual in RESIDUAL_WEIGHTS:
-            if "residual_losses" not in context.cache:
-                context.cache["residual_losses"] = das_residual_losses(
+            losses = context.shared(
+                "das-residual-losses",
+                lambda: das_residual_losses(
                     context.inputs,
                     settings.residual_timesteps,
                     settings.features.e_seed,
                     context.device.torch_device(),
-                )
-            residuals = RESIDUAL_WEIGHTS[settings.residual](context.cache["residual_losses"])
-        return scoring.DASReadout(
-            residuals, settings.leverage, settings.square, exact=settings.residual == "exact"
-        )
+                ),
+            )
+            residuals = RESIDUAL_WEIGHTS[settings.residual](losses)
+        return DASReadout(residuals, settings.leverage, square=False, exact=settings.residual == "exact")
 
     def train_psi(self, context: ScoringContext) -> Any:
         if self.settings.residual != "exact":
             return None
         # psi_i is minus the gradient of x_i's own loss
-        return scoring.RowView(context.train_store(psi_settings(self.settings.features)).features, torch.neg)
+        return RowView(context.train_store(psi_settings(self.settings.features)).features, torch.neg)
 
 
 def das_residual_losses(

@@ -6,20 +6,23 @@ from collections.abc import Callable
 
 import numpy as np
 
-from das_lightning.attribution import scores as scoring
 from das_lightning.attribution.context import ScoringContext, flat_pixels
-from das_lightning.attribution.methods.base import Method, register
+from das_lightning.attribution.methods.base import Method, MethodScores, register
+from das_lightning.attribution.ranking import cosine_scores, dot_scores
+from das_lightning.attribution.settings import GradientSimilaritySettings, SimilaritySettings
 from das_lightning.clip import clip_embeddings, load_local_clip
 from das_lightning.errors import ConfigError
 
 SIMILARITIES: dict[str, Callable[..., np.ndarray]] = {
-    "cosine": scoring.cosine_scores,
-    "dot": scoring.dot_scores,
+    "cosine": cosine_scores,
+    "dot": dot_scores,
 }
 
 
 class SimilarityMethod(Method):
     """Scores are similarities (``method.similarity``: cosine or dot); no lambda."""
+
+    settings_class = SimilaritySettings
 
     def validate(self) -> None:
         if self.settings.similarity not in SIMILARITIES:
@@ -35,13 +38,15 @@ class SimilarityMethod(Method):
 class GradientSimilarity(SimilarityMethod):
     """Similarity of the gradient features (the gradient-cosine baseline)."""
 
-    def scores(self, context: ScoringContext, query_set: str) -> dict[float | None, np.ndarray]:
+    settings_class = GradientSimilaritySettings
+
+    def scores(self, context: ScoringContext, query_set: str) -> MethodScores:
         train = context.train_store().features
         queries = context.query_store(query_set).features
         scores = self.similarity()(
             queries, train, mask=context.mask(query_set), block_size=self.settings.block_size
         )
-        return {None: scores}
+        return MethodScores({None: scores})
 
 
 @register("pixel")
@@ -50,11 +55,15 @@ class PixelSimilarity(SimilarityMethod):
 
     needs_features = False
 
-    def scores(self, context: ScoringContext, query_set: str) -> dict[float | None, np.ndarray]:
+    def scores(self, context: ScoringContext, query_set: str) -> MethodScores:
         inputs = context.inputs
-        return {
-            None: self.similarity()(flat_pixels(inputs.query_sets[query_set]), flat_pixels(inputs.train_set))
-        }
+        return MethodScores(
+            {
+                None: self.similarity()(
+                    flat_pixels(inputs.query_sets[query_set]), flat_pixels(inputs.train_set)
+                )
+            }
+        )
 
 
 @register("clip")
@@ -66,6 +75,6 @@ class CLIPSimilarity(SimilarityMethod):
     def check_available(self) -> None:
         load_local_clip(self.settings.clip_model)
 
-    def scores(self, context: ScoringContext, query_set: str) -> dict[float | None, np.ndarray]:
+    def scores(self, context: ScoringContext, query_set: str) -> MethodScores:
         queries = clip_embeddings(context.inputs.query_sets[query_set], self.settings.clip_model)
-        return {None: self.similarity()(queries, context.clip_train_embeddings())}
+        return MethodScores({None: self.similarity()(queries, context.clip_train_embeddings())})

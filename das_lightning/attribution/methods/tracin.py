@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-import numpy as np
-
 from das_lightning.artifacts import network_with_snapshot
-from das_lightning.attribution import scores as scoring
 from das_lightning.attribution.context import ScoringContext
 from das_lightning.attribution.features import FeatureSettings
-from das_lightning.attribution.methods.base import Method, register
+from das_lightning.attribution.methods.base import Method, MethodScores, register
+from das_lightning.attribution.ranking import tracin_scores
 from das_lightning.errors import MissingArtifactError
 
 
@@ -18,7 +16,7 @@ from das_lightning.errors import MissingArtifactError
 class TracIn(Method):
     needs_snapshots = True
 
-    def scores(self, context: ScoringContext, query_set: str) -> dict[float | None, np.ndarray]:
+    def scores(self, context: ScoringContext, query_set: str) -> MethodScores:
         inputs, settings = context.inputs, self.settings
         if not inputs.snapshots:
             raise MissingArtifactError(
@@ -38,4 +36,4 @@ class TracIn(Method):
                 features, inputs.query_sets[query_set], query_set, unet, weights_file
             )
             terms.append((lr, queries.features, train.features))
-        return {None: scoring.tracin_scores(terms, block_size=settings.block_size)}
+        return MethodScores({None: tracin_scores(terms, block_size=settings.block_size)})

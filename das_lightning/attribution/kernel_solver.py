@@ -1,4 +1,6 @@
-"""Attribution scores from projected gradient features: the kernel solve, DAS, TRAK/D-TRAK and the baselines.
+"""The kernel methods' scores from projected gradient features: the kernel solve and the readouts (TRAK/D-TRAK,
+relative influence, DAS and their squares), and DAS's residual weights. Similarities, TracIn, screening and top-k
+are in :mod:`.ranking`; row access to features in :mod:`.rows`.
 
 Shape contract (METHOD.md §2):
 
@@ -28,64 +30,22 @@ Leverages h_ii always use the true inverse, so that 0 <= h_ii < 1.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 
-DEFAULT_BLOCK_SIZE = 1024
-
-
-class RowSliceable(Protocol):
-    """Features stored as rows: ``len()`` and row slices (a memmap, an array, a tensor, a feature store)."""
-
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, rows: slice) -> Any: ...
-
-
-def _as_float64(rows: Any) -> torch.Tensor:
-    """A float64 CPU tensor from a numpy array, memmap slice or tensor (copies: memmaps are read-only)."""
-    if isinstance(rows, torch.Tensor):
-        return rows.detach().to(device="cpu", dtype=torch.float64)
-    return torch.from_numpy(np.array(rows, dtype=np.float64, copy=True))
-
-
-def iter_row_blocks(features: RowSliceable, block_size: int) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield ``(start, stop, rows)`` with ``rows`` = ``features[start:stop]`` as float64, in order."""
-    if block_size < 1:
-        raise ValueError(f"block_size must be positive, got {block_size}")
-    total = len(features)
-    for start in range(0, total, block_size):
-        stop = min(start + block_size, total)
-        yield start, stop, _as_float64(features[start:stop])
-
-
-def _read_all(features: RowSliceable) -> torch.Tensor:
-    """All rows as float64 (used for query features, which are few)."""
-    return _as_float64(features[0 : len(features)])
-
-
-class RowView:
-    """A lazy view of row features: every block read is ``transform``-ed (float64 tensors in and out)."""
-
-    def __init__(self, features: RowSliceable, transform: Callable[[torch.Tensor], torch.Tensor]):
-        self.features = features
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.features)
-
-    def __getitem__(self, rows: slice) -> torch.Tensor:
-        return self.transform(_as_float64(self.features[rows]))
-
-
-def _unit_rows(block: torch.Tensor) -> torch.Tensor:
-    """Every row divided by its L2 norm (zero rows stay zero)."""
-    norms = block.norm(dim=1, keepdim=True)
-    return torch.where(norms > 0, block / norms.clamp_min(torch.finfo(torch.float64).tiny), block)
+from das_lightning.attribution.rows import (
+    DEFAULT_BLOCK_SIZE,
+    RowSliceable,
+    as_float64,
+    check_mask,
+    iter_row_blocks,
+    mask_block,
+    read_all,
+)
 
 
 class KernelSolver:
@@ -136,7 +96,7 @@ class KernelSolver:
     def from_gram(cls, train_features: RowSliceable) -> KernelSolver:
         """Factorise K through G = Phi Phi^T = U diag(s) U^T: K's nonzero eigenvalues are s, its eigenvectors
         V = Phi^T U diag(s)^-1/2. Memory N x k for Phi (less than the k x k kernel when N < k) plus N x N."""
-        features = _read_all(train_features)
+        features = read_all(train_features)
         gram = features @ features.T
         eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (gram + gram.T))
         # directions with s at rounding level carry no train row; dividing by their sqrt would amplify noise
@@ -183,7 +143,7 @@ class KernelSolver:
 
     def to_eigenbasis(self, rows: Any) -> torch.Tensor:
         """Rows expressed in the eigenbasis of K: rows @ V (float64)."""
-        return _as_float64(rows) @ self.eigenvectors
+        return as_float64(rows) @ self.eigenvectors
 
     def solve(self, rows: Any, lam: float) -> torch.Tensor:
         """X (K + lambda I)^-1 for the rows X (M x k), i.e. the transpose of (K + lambda I)^-1 X^T (float64).
@@ -191,7 +151,7 @@ class KernelSolver:
         Applying V diag(1 / (s + lambda)) V^T (+ (I - V V^T) / lambda outside the kept directions) is the solve
         with the factorisation; no inverse is formed.
         """
-        rows = _as_float64(rows)
+        rows = as_float64(rows)
         eigen = rows @ self.eigenvectors
         solved = (eigen * self.inverse_spectrum(lam)) @ self.eigenvectors.T
         if self.rank < self.dim:
@@ -290,6 +250,19 @@ class Squared(Readout):
         return self.inner(terms).square()
 
 
+def powered(signed: Readout, power: str) -> Readout:
+    """``signed`` raised to ``method.square``'s power: linear (itself), square, or signed_square (sign(s) s^2)."""
+    if power == "linear":
+        return signed
+    if power == "square":
+        return Squared(signed)
+    if power == "signed_square":
+        from das_lightning.attribution.signed_square import SignedSquare
+
+        return SignedSquare(signed)
+    raise ValueError(f"unknown readout power {power!r}")
+
+
 class DASReadout(Readout):
     """DAS: (phi_q^T (K + lambda I)^-1 phi_i * r_i / (1 - h_ii))^2, or with ``exact`` the Sherman-Morrison form.
 
@@ -338,20 +311,6 @@ class DASReadout(Readout):
         return change.square() if self.square else change
 
 
-def _mask_block(scores: torch.Tensor, mask: Any, start: int, stop: int) -> torch.Tensor:
-    if mask is None:
-        return scores
-    keep = torch.as_tensor(np.asarray(mask[:, start:stop], dtype=bool))
-    return torch.where(keep, scores, torch.zeros((), dtype=scores.dtype))
-
-
-def _check_mask(mask: Any, num_queries: int, num_train: int) -> None:
-    if mask is not None and tuple(mask.shape) != (num_queries, num_train):
-        raise ValueError(
-            f"mask has shape {tuple(mask.shape)}, expected (queries, train) = ({num_queries}, {num_train})"
-        )
-
-
 def kernel_scores(
     query_features: RowSliceable | torch.Tensor,
     train_features: RowSliceable,
@@ -376,14 +335,14 @@ def kernel_scores(
     if solver.num_samples != num_train:
         raise ValueError(f"solver was built on {solver.num_samples} train samples, features have {num_train}")
     readout.check(num_train)
-    queries = _read_all(query_features)
+    queries = read_all(query_features)
     queries_eigen = solver.to_eigenbasis(queries)  # M x r
     # the part of the queries outside V's span (Gram form): it meets psi there, through the 1/lambda term
     queries_outside = queries - queries_eigen @ solver.eigenvectors.T if solver.rank < solver.dim else None
     if train_psi is not None and len(train_psi) != num_train:
         raise ValueError(f"train_psi has {len(train_psi)} rows, train features {num_train}")
     num_queries = int(queries_eigen.shape[0])
-    _check_mask(mask, num_queries, num_train)
+    check_mask(mask, num_queries, num_train)
     lambdas = [float(lam) for lam in lambdas]
     inverse_spectra = {lam: solver.inverse_spectrum(lam) for lam in lambdas}
     scales = {lam: 1.0 / solver.inverse_mean_abs(lam) if normalize_inverse else 1.0 for lam in lambdas}
@@ -391,7 +350,7 @@ def kernel_scores(
     for start, stop, block in iter_row_blocks(train_features, block_size):
         block_eigen = solver.to_eigenbasis(block)  # b x r, shared by every lambda
         block_eigen_squared = block_eigen.square() if readout.needs_leverage else None
-        psi = None if train_psi is None else _as_float64(train_psi[start:stop])  # b x k
+        psi = None if train_psi is None else as_float64(train_psi[start:stop])  # b x k
         psi_eigen = None if psi is None else solver.to_eigenbasis(psi)  # b x r
         psi_outside_products = (
             None if psi is None or queries_outside is None else queries_outside @ psi.T
@@ -414,7 +373,7 @@ def kernel_scores(
                 query_psi=query_psi,
                 self_psi=self_psi,
             )
-            scores = _mask_block(readout(terms), mask, start, stop)
+            scores = mask_block(readout(terms), mask, start, stop)
             results[lam][:, start:stop] = scores.numpy().astype(np.float32)
     return results
 
@@ -430,11 +389,6 @@ def _residual_vector(residuals: Any, num_train: int) -> np.ndarray | None:
     return vector
 
 
-def normalized_rows(features: RowSliceable) -> RowSliceable:
-    """A lazy view of ``features`` with every row scaled to unit L2 norm (for renormalized influence)."""
-    return RowView(features, _unit_rows)
-
-
 def summed_steps(query_steps: Any) -> torch.Tensor:
     """S x M x k per-denoising-step query features summed over the steps (float64, M x k), one step at a time.
 
@@ -443,67 +397,10 @@ def summed_steps(query_steps: Any) -> torch.Tensor:
         raise ValueError(
             f"query_steps must be steps x queries x k, got shape {getattr(query_steps, 'shape', None)}"
         )
-    total = _as_float64(query_steps[0])
+    total = as_float64(query_steps[0])
     for step in range(1, len(query_steps)):
-        total += _as_float64(query_steps[step])
+        total += as_float64(query_steps[step])
     return total
-
-
-def similarity_scores(
-    query_features: RowSliceable,
-    train_features: RowSliceable,
-    *,
-    cosine: bool,
-    mask: Any = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    dtype: type = np.float32,
-) -> np.ndarray:
-    """Queries x train inner products of the rows, or their cosines (0 where either vector is zero)."""
-    queries = _read_all(query_features)
-    if cosine:
-        queries = _unit_rows(queries)
-    num_train = len(train_features)
-    _check_mask(mask, int(queries.shape[0]), num_train)
-    train_view = RowView(train_features, _unit_rows) if cosine else train_features
-    result = np.zeros((int(queries.shape[0]), num_train), dtype=dtype)
-    for start, stop, block in iter_row_blocks(train_view, block_size):
-        result[:, start:stop] = _mask_block(queries @ block.T, mask, start, stop).numpy()
-    return result
-
-
-def dot_scores(query_features: RowSliceable, train_features: RowSliceable, **options: Any) -> np.ndarray:
-    """Plain inner products q . x_i (raw pixels, CLIP embeddings); ``options``: mask, block_size."""
-    return similarity_scores(query_features, train_features, cosine=False, **options)
-
-
-def cosine_scores(query_features: RowSliceable, train_features: RowSliceable, **options: Any) -> np.ndarray:
-    """Cosine similarity (0 where either vector is zero); also the gradient-cosine baseline on features."""
-    return similarity_scores(query_features, train_features, cosine=True, **options)
-
-
-def tracin_scores(
-    checkpoints: Sequence[tuple[float, RowSliceable, RowSliceable]],
-    *,
-    mask: Any = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-) -> np.ndarray:
-    """TracIn: sum over checkpoints c of lr_c * Q_c Phi_c^T, from ``(lr_c, query_features_c, train_features_c)``."""
-    if not checkpoints:
-        raise ValueError("tracin_scores needs at least one checkpoint")
-    total: np.ndarray | None = None
-    for learning_rate, queries, train in checkpoints:
-        # summed in float64, rounded to float32 once at the end
-        products = similarity_scores(
-            queries, train, cosine=False, mask=None, block_size=block_size, dtype=np.float64
-        )
-        contribution = float(learning_rate) * products
-        total = contribution if total is None else total + contribution
-    if total is None:
-        raise ValueError("tracin_scores needs at least one checkpoint")
-    _check_mask(mask, total.shape[0], total.shape[1])
-    if mask is not None:
-        total = np.where(np.asarray(mask, dtype=bool), total, 0.0)
-    return total.astype(np.float32)
 
 
 def _loss_matrix(per_timestep_losses: Any) -> np.ndarray:
@@ -537,41 +434,3 @@ def magnitude_residuals(per_timestep_losses: Any) -> np.ndarray:
     sizes = np.sqrt(_loss_matrix(per_timestep_losses).mean(axis=1))
     mean = sizes.mean()
     return sizes / mean if mean > 0 else sizes
-
-
-def screen_candidates(cheap_scores: Any, m: int) -> np.ndarray:
-    """Boolean M x N mask keeping each query's m highest cheap scores (ties broken by lower train index)."""
-    scores = np.asarray(cheap_scores)
-    num_train = scores.shape[1]
-    mask = np.zeros(scores.shape, dtype=bool)
-    if m >= num_train:
-        mask[:] = True
-        return mask
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :m]
-    np.put_along_axis(mask, top, True, axis=1)
-    return mask
-
-
-def topk(scores: Any, k: int, mask: Any = None) -> dict[str, list[list[Any]]]:
-    """Per query the k highest (proponents) and k lowest (opponents) train indices and scores, as JSON lists.
-
-    With a ``mask`` only candidates are ranked. Ties go to the lower train index.
-    """
-    values = np.asarray(scores, dtype=np.float64)
-    candidates = np.ones(values.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
-    result: dict[str, list[list[Any]]] = {
-        "proponent_indices": [],
-        "proponent_scores": [],
-        "opponent_indices": [],
-        "opponent_scores": [],
-    }
-    for row, keep in zip(values, candidates, strict=True):
-        indices = np.flatnonzero(keep)
-        kept = row[indices]
-        highest = indices[np.argsort(-kept, kind="stable")[:k]]
-        lowest = indices[np.argsort(kept, kind="stable")[:k]]
-        result["proponent_indices"].append([int(i) for i in highest])
-        result["proponent_scores"].append([float(row[i]) for i in highest])
-        result["opponent_indices"].append([int(i) for i in lowest])
-        result["opponent_scores"].append([float(row[i]) for i in lowest])
-    return result

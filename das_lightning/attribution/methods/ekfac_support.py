@@ -37,7 +37,7 @@ from kronfluence.utils.dataset import DataLoaderKwargs
 from torch import nn
 from torch.utils.data import Dataset
 
-from das_lightning.attribution.outputs import batched_output
+from das_lightning.attribution.output_functions import batched_output
 from das_lightning.diffusion import add_noise, rule_noise
 from das_lightning.errors import ConfigError
 
@@ -122,7 +122,7 @@ class DiffusionTask(Task):
         self.e_seed = int(e_seed)
         self.train_set_name = train_set_name
         self.query_set_name = query_set_name
-        self.measurement = measurement  # a name of attribution/outputs.py's OUTPUT_FUNCTIONS
+        self.measurement = measurement  # a name of attribution/output_functions.py's OUTPUT_FUNCTIONS
         self.tracked_modules = None if tracked_modules is None else list(tracked_modules)
         self.extra_inputs = extra_inputs
 

@@ -1,0 +1,278 @@
+"""What the LDS stage reports, in percent: one record per method, query set and lambda selection, paired
+differences, the Markdown table and the plot of LDS against lambda. ``lds.json`` itself is written by
+:mod:`das_lightning.selection` (the one module that reads and writes it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from das_lightning.evaluation.lambda_selection import heldout_halves, select_lambda, subset_rows
+from das_lightning.evaluation.lds import (
+    ArrayLike,
+    Lambda,
+    LDSResult,
+    bootstrap_lds,
+    paired_bootstrap_difference,
+)
+from das_lightning.lambdas import grid_edge
+from das_lightning.manifest import atomic_save
+
+log = logging.getLogger(__name__)
+
+
+def _percent(value: float) -> float:
+    return 100.0 * value
+
+
+@dataclass(frozen=True)
+class LDSRecord:
+    """One reported LDS, in PERCENT. ``lambda_selection``: "heldout" (lambda chosen on the other half of the queries,
+    and in ``heldout_mode=queries_and_subsets`` of the subsets too; LDS on the report half: our honest figure) or
+    "oracle" (best lambda on all queries, LDS on all of them: what the papers report). ``lambda_`` is the selected
+    scale c (None for methods without a lambda), ``lambda_absolute`` = c x the features' unit when known, and
+    ``edge`` is "low"/"high" when the selection is the first/last point of the grid (the optimum was not searched)."""
+
+    method: str
+    query_set: str
+    lds: float
+    ci_low: float
+    ci_high: float
+    lambda_: Lambda
+    lambda_selection: str
+    num_subsets: int
+    num_queries: int
+    num_undefined: int = 0
+    lambda_absolute: float | None = None
+    edge: str | None = None
+    heldout_mode: str = "queries"
+    # an ensemble's members: each one's name, weights checksum and own lambda unit (c x unit is its lambda)
+    members: tuple[dict[str, Any], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        record = dataclasses.asdict(self)
+        record["lambda_scale"] = record.pop("lambda_")
+        record["lambda"] = record.pop("lambda_absolute")
+        if not record["members"]:
+            record.pop("members")
+        return record
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """mean LDS(a) - mean LDS(b) with its paired-bootstrap 95% CI, in PERCENT."""
+
+    a: str
+    b: str
+    query_set: str
+    diff: float
+    ci_low: float
+    ci_high: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _record(
+    method: str,
+    query_set: str,
+    result: LDSResult,
+    lambda_: Lambda,
+    lambda_selection: str,
+    num_subsets: int,
+    lambda_unit: float | None,
+    grid: Sequence[float],
+    heldout_mode: str,
+) -> LDSRecord:
+    return LDSRecord(
+        method=method,
+        query_set=query_set,
+        lds=_percent(result.mean),
+        ci_low=_percent(result.ci_low),
+        ci_high=_percent(result.ci_high),
+        lambda_=lambda_,
+        lambda_selection=lambda_selection,
+        num_subsets=num_subsets,
+        num_queries=int(result.per_query.numel()),
+        num_undefined=result.num_undefined,
+        lambda_absolute=None if lambda_ is None or lambda_unit is None else lambda_ * lambda_unit,
+        edge=grid_edge(lambda_, grid),
+        heldout_mode=heldout_mode,
+    )
+
+
+def evaluate_method(
+    scores_by_lambda: Mapping[Lambda, ArrayLike],
+    masks: ArrayLike,
+    losses: ArrayLike,
+    method: str,
+    query_set: str,
+    num_resamples: int = 1000,
+    seed: int = 0,
+    lambda_unit: float | None = None,
+    heldout: str = "queries",
+    members: Sequence[Mapping[str, Any]] = (),
+) -> list[LDSRecord]:
+    """The two LDS figures of a method, in percent: ``[heldout, oracle]``.
+
+    heldout: lambda chosen on the selection half of :func:`heldout_halves` (``heldout`` mode), LDS (+ CI) on the
+    report half. oracle: lambda with the best LDS on all queries and subsets, LDS (+ CI) on all of them.
+    A method without lambda passes ``{None: scores}``; with nothing to choose, its heldout record is simply the LDS on
+    the report half, so every row of a table compares methods on the same queries (and subsets).
+    """
+    num_subsets, num_queries = np.shape(losses)
+    halves = heldout_halves(num_queries, num_subsets, heldout, seed)
+    grid = [key for key in scores_by_lambda if key is not None]
+    selection_masks, selection_losses = subset_rows(masks, losses, halves.selection_subsets)
+    heldout_lambda = select_lambda(
+        scores_by_lambda, selection_masks, selection_losses, halves.selection_queries
+    )
+    oracle_lambda = select_lambda(scores_by_lambda, masks, losses, None)
+    report_masks, report_losses = subset_rows(masks, losses, halves.report_subsets)
+    heldout_result = bootstrap_lds(
+        scores_by_lambda[heldout_lambda],
+        report_masks,
+        report_losses,
+        num_resamples,
+        seed,
+        halves.report_queries,
+    )
+    oracle = bootstrap_lds(scores_by_lambda[oracle_lambda], masks, losses, num_resamples, seed)
+    member_records = tuple(dict(member) for member in members)
+    records = [
+        _record(
+            method,
+            query_set,
+            heldout_result,
+            heldout_lambda,
+            "heldout",
+            len(report_losses),
+            lambda_unit,
+            grid,
+            heldout,
+        ),
+        _record(method, query_set, oracle, oracle_lambda, "oracle", num_subsets, lambda_unit, grid, heldout),
+    ]
+    return [dataclasses.replace(record, members=member_records) for record in records]
+
+
+def paired_difference(
+    a: str,
+    scores_a: ArrayLike,
+    b: str,
+    scores_b: ArrayLike,
+    masks: ArrayLike,
+    losses: ArrayLike,
+    query_set: str,
+    num_resamples: int = 1000,
+    seed: int = 0,
+    query_indices: ArrayLike | None = None,
+) -> PairedDifference:
+    """:func:`paired_bootstrap_difference` as a reported record (percent)."""
+    diff, ci_low, ci_high = paired_bootstrap_difference(
+        scores_a, scores_b, masks, losses, num_resamples, seed, query_indices
+    )
+    return PairedDifference(a, b, query_set, _percent(diff), _percent(ci_low), _percent(ci_high))
+
+
+def _format_interval(value: float, low: float, high: float) -> str:
+    return f"{value:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def markdown_table(records: Sequence[LDSRecord], differences: Sequence[PairedDifference] = ()) -> str:
+    """A markdown table of the records (LDS % with 95% CI) and, if any, one of the paired differences."""
+    lines = [
+        "| method | query set | lambda selection | c (lambda) | LDS (%) [95% CI] | subsets | queries |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    edges = []
+    for record in records:
+        lambda_text = "-" if record.lambda_ is None else f"{record.lambda_:g}"
+        if record.lambda_absolute is not None:
+            lambda_text += f" ({record.lambda_absolute:.3g})"
+        if record.edge is not None:
+            lambda_text += " *"
+            edges.append(f"{record.method}/{record.query_set}/{record.lambda_selection}: {record.edge} edge")
+        queries = f"{record.num_queries}" + (
+            f" ({record.num_undefined} undefined)" if record.num_undefined else ""
+        )
+        lines.append(
+            f"| {record.method} | {record.query_set} | {record.lambda_selection} | {lambda_text} | "
+            f"{_format_interval(record.lds, record.ci_low, record.ci_high)} | {record.num_subsets} | {queries} |"
+        )
+    lines.append("")
+    lines.append(
+        "c: lambda in units of trace(K)/N (das_lightning/lambdas.py)."
+        + (
+            " * selection on an edge of the grid, the optimum may lie beyond (widen method.lambda_scales): "
+            + "; ".join(edges)
+            if edges
+            else " No selection is on an edge of the grid."
+        )
+    )
+    if differences:
+        lines += [
+            "",
+            "| a | b | query set | LDS(a) - LDS(b) (%) [95% paired CI] |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {d.a} | {d.b} | {d.query_set} | {_format_interval(d.diff, d.ci_low, d.ci_high)} |"
+            for d in differences
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_lds_vs_lambda(
+    curves: Mapping[str, Mapping[float, float]], path: Path, selected: Mapping[str, float] | None = None
+) -> None:
+    """PNG of LDS against lambda (log x axis), one line per method. ``curves`` are fractions as returned by
+    :func:`lds_by_lambda`; the plot shows percent. Entries with lambda None are skipped. ``selected`` (method -> c,
+    the held-out selection) is marked with a star on its curve; dotted lines mark the grid's first and last c, so a
+    selection on an edge shows as a star on a dotted line."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on compute nodes
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    try:
+        edges: set[float] = set()
+        for method, curve in curves.items():
+            points = sorted((lambda_, lds) for lambda_, lds in curve.items() if lambda_ is not None)
+            if not points:
+                continue
+            lambdas, values = zip(*points, strict=True)
+            edges.update((lambdas[0], lambdas[-1]))
+            (line,) = axis.plot(
+                lambdas, [_percent(value) for value in values], marker="o", markersize=3, label=method
+            )
+            chosen = (selected or {}).get(method)
+            if chosen is not None and chosen in curve:
+                axis.plot(
+                    [chosen],
+                    [_percent(curve[chosen])],
+                    marker="*",
+                    markersize=14,
+                    color=line.get_color(),
+                    markeredgecolor="black",
+                    linestyle="none",
+                )
+        for edge in sorted(edges):
+            axis.axvline(edge, color="grey", linestyle=":", linewidth=1)
+        axis.set_xscale("log")
+        axis.set_xlabel("c = lambda / (trace(K) / N)   (star: held-out selection; dotted: grid edges)")
+        axis.set_ylabel("LDS (%)")
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_save(Path(path), lambda tmp: figure.savefig(tmp, dpi=120))
+    finally:
+        plt.close(figure)
