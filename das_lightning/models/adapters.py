@@ -99,57 +99,120 @@ class ModelAdapter:
 
 class PretrainedAdapter(ModelAdapter):
     """A pixel-space diffusers model trained elsewhere (``model=pretrained model.pretrained=PATH``): a
-    ``UNet2DModel`` folder (``config.json`` + safetensors weights) or a ``DDPMPipeline`` folder (``unet/`` and
-    ``scheduler/``), whose training schedule is read from its ``scheduler/`` when there is one (else the DDPM
-    default of METHOD.md §4, said in the log). Weights load through safetensors only, never a pickle."""
+    ``DDPMPipeline`` folder as published (google/ddpm-cifar10-32's layout: ``model_index.json``, ``unet/`` with
+    ``config.json`` + ``diffusion_pytorch_model.safetensors``, ``scheduler/scheduler_config.json``), or a bare
+    ``UNet2DModel`` folder. The training schedule is read from the pipeline's ``scheduler/`` (a bare UNet gets the
+    DDPM default of METHOD.md §4, said in the log). Weights load through safetensors only, never a pickle."""
+
+    bin_name = "diffusion_pytorch_model.bin"
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder).expanduser()
 
     @property
+    def is_pipeline(self) -> bool:
+        return (self.folder / "model_index.json").exists() or (self.folder / "unet").is_dir()
+
+    @property
     def unet_dir(self) -> Path:
-        nested = self.folder / "unet"
-        return nested if (nested / "config.json").exists() else self.folder
+        return self.folder / "unet" if self.is_pipeline else self.folder
 
     def weights_file(self, unet_dir: Path | None = None) -> Path:
         path = self.unet_dir / self.weights_name
+        if path.exists():
+            return path
+        if (self.unet_dir / self.bin_name).exists():
+            raise MissingArtifactError(
+                f"model.pretrained={self.folder}: {self.unet_dir} holds only {self.bin_name}, a pickle, which "
+                "das-lightning never loads (unpickling can run code). Convert it once, on a machine where you "
+                f"trust the file: UNet2DModel.from_pretrained('{self.unet_dir}', use_safetensors=False)"
+                f".save_pretrained('{self.unet_dir}', safe_serialization=True) writes {self.weights_name} beside it"
+            )
+        raise MissingArtifactError(
+            f"model.pretrained={self.folder}: no {self.weights_name} in {self.unet_dir} (a diffusers DDPMPipeline "
+            "folder with unet/ and scheduler/, or a UNet2DModel folder, saved with safetensors)"
+        )
+
+    def unet_config(self) -> dict[str, Any]:
+        path = self.unet_dir / "config.json"
         if not path.exists():
             raise MissingArtifactError(
-                f"model.pretrained={self.folder}: no {self.weights_name} in {self.unet_dir} (a diffusers UNet2DModel "
-                "or DDPMPipeline folder saved with safetensors; .bin pickles are never loaded)"
+                f"model.pretrained={self.folder}: no config.json in {self.unet_dir} (a diffusers UNet2DModel folder)"
             )
-        return path
+        return json.loads(path.read_text())
 
     def schedule(self) -> dict[str, Any]:
-        """The training scheduler's config, from the folder when it has one."""
+        """The training scheduler's config, from the pipeline's ``scheduler/`` (one clear error when the project
+        cannot measure under it); the DDPM default for a bare UNet folder."""
         from diffusers import DDPMScheduler
 
-        scheduler_dir = self.folder / "scheduler"
-        if not (scheduler_dir / "scheduler_config.json").exists():
+        config_file = self.folder / "scheduler" / "scheduler_config.json"
+        if not config_file.exists():
+            if self.is_pipeline:  # a pipeline without its scheduler: the schedule its UNet learned is unknown
+                raise MissingArtifactError(
+                    f"model.pretrained={self.folder} is a diffusers pipeline without {config_file.relative_to(self.folder)}"
+                    ": the noise schedule the UNet was trained under is unknown (copy the scheduler/ folder of the "
+                    "published pipeline beside unet/)"
+                )
             log.warning(
                 "%s has no scheduler/: assuming the DDPM default (1000 steps, linear betas)", self.folder
             )
             return _pixel_schedule()
-        config = dict(DDPMScheduler.from_pretrained(str(self.folder), subfolder="scheduler").config)
-        if (
-            int(config["num_train_timesteps"]) != NUM_TRAIN_TIMESTEPS
-            or config.get("prediction_type") != "epsilon"
-        ):
+        raw = json.loads(config_file.read_text())
+        problems = []
+        class_name = raw.get("_class_name", "DDPMScheduler")
+        if class_name != "DDPMScheduler" and class_name not in DDPMScheduler._compatibles:
+            problems.append(f"_class_name {class_name!r} is not a DDPM-compatible diffusers scheduler")
+        steps = raw.get("num_train_timesteps", raw.get("timesteps"))
+        if steps is not None and int(steps) != NUM_TRAIN_TIMESTEPS:
+            problems.append(
+                f"num_train_timesteps {steps} (the timestep grids and ground truth use {NUM_TRAIN_TIMESTEPS})"
+            )
+        if raw.get("prediction_type", "epsilon") != "epsilon":
+            problems.append(
+                f"prediction_type {raw['prediction_type']!r} (features and losses are of predicted noise)"
+            )
+        if str(raw.get("variance_type", "fixed_small")).startswith("learned"):
+            problems.append(
+                f"variance_type {raw['variance_type']!r} (a UNet that also predicts its variance)"
+            )
+        if not problems:
+            try:
+                config = dict(DDPMScheduler.from_config(raw).config)
+            except (NotImplementedError, ValueError) as error:
+                problems.append(f"a schedule diffusers cannot build ({error})")
+        if problems:
             raise ConfigError(
-                f"{scheduler_dir}: das-lightning measures epsilon-prediction models trained on "
-                f"{NUM_TRAIN_TIMESTEPS} timesteps; this one has {config['num_train_timesteps']} steps and "
-                f"prediction_type={config.get('prediction_type')!r}"
+                f"{config_file}: das-lightning measures epsilon-prediction DDPMs trained on {NUM_TRAIN_TIMESTEPS} "
+                "timesteps; this scheduler has " + "; ".join(problems)
+            )
+        training = _pixel_schedule()
+        differs = [key for key in ("beta_schedule", "beta_start", "beta_end") if config[key] != training[key]]
+        if differs or config.get("trained_betas") is not None:
+            log.warning(
+                "%s: the pipeline's schedule (%s) is not train.py's (linear 1e-4..0.02): features use the "
+                "pipeline's own; subset models for an LDS must be trained under the same schedule",
+                config_file,
+                ", ".join(f"{key}={config[key]}" for key in differs) or "trained_betas",
             )
         return config
 
     def check_fits(self, channels: int, image_size: int) -> None:
         """A clear error before any work when the network cannot take the training images."""
-        config = json.loads((self.unet_dir / "config.json").read_text())
+        config = self.unet_config()
         sample_size = config.get("sample_size")
         sample_size = sample_size[0] if isinstance(sample_size, list | tuple) else sample_size
         problems = []
+        if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
+            problems.append(
+                f"a {config['_class_name']} (only pixel-space UNet2DModel pipelines are supported)"
+            )
         if config.get("in_channels") != channels:
             problems.append(f"in_channels {config.get('in_channels')} vs the dataset's {channels} channels")
+        if config.get("out_channels", config.get("in_channels")) != config.get("in_channels"):
+            problems.append(
+                f"out_channels {config.get('out_channels')} != in_channels (a UNet that predicts more than the noise)"
+            )
         if sample_size is not None and int(sample_size) != image_size:
             problems.append(f"sample_size {sample_size} vs dataset.image_size={image_size}")
         if config.get("num_class_embeds") or config.get("class_embed_type"):
@@ -160,10 +223,11 @@ class PretrainedAdapter(ModelAdapter):
     def load(self, unet_dir: Path | None = None, latents_dir: Path | None = None) -> MeasuredModel:
         from diffusers import DDPMScheduler
 
+        weights = self.weights_file()  # first: a pickle-only folder is refused before anything is read
         schedule = self.schedule()
         return MeasuredModel(
             load_trained_network(self.unet_dir),
             DDPMScheduler.from_config(schedule).alphas_cumprod,
-            self.weights_file(),
+            weights,
             scheduler_config=schedule,
         )

@@ -52,6 +52,7 @@ def load_trained_network(folder: Path) -> torch.nn.Module:
             return getattr(importlib.import_module(module_name), function_name)(folder)
         from diffusers import UNet2DModel
 
+        check_weights_fit_config(Path(folder))
         return UNet2DModel.from_pretrained(str(folder), use_safetensors=True)
     except FileNotFoundError:
         raise  # already one clear message (e.g. a pretrained component that is not in the local cache)
@@ -62,6 +63,52 @@ def load_trained_network(folder: Path) -> torch.nn.Module:
             "rerun `python train.py` with the same settings to retrain it (a model trained elsewhere: replace "
             "its files)"
         ) from error
+
+
+def check_weights_fit_config(folder: Path) -> None:
+    """Refuse a ``UNet2DModel`` folder whose safetensors weights are not exactly the network its ``config.json``
+    builds. diffusers only logs a warning for weights it drops (e.g. the mid-block attention GroupNorm of a
+    diffusers < 0.18 ``scale_shift`` model read by a newer diffusers) and would measure another network."""
+    from diffusers import UNet2DModel
+    from safetensors import safe_open
+
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    if not (folder / "config.json").exists() or not weights.exists():
+        return  # diffusers' own error names what is missing (or the shards of a sharded checkpoint)
+    with torch.device("meta"):  # the network's names and shapes, no memory
+        skeleton = UNet2DModel.from_config(UNet2DModel.load_config(str(folder)))
+    with safe_open(str(weights), framework="pt") as handle:
+        stored = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # header only
+    # the attention names of diffusers < 0.15 (query/key/value/proj_attn), renamed on load as diffusers does
+    stored = skeleton._fix_state_dict_keys_on_load(stored)
+    expected = {name: tuple(tensor.shape) for name, tensor in skeleton.state_dict().items()}
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    resized = sorted(name for name in set(expected) & set(stored) if expected[name] != stored[name])
+    if not (missing or unexpected or resized):
+        return
+    problems = [
+        f"{label} ({len(names)}): {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+        for label, names in (
+            ("missing", missing),
+            ("not in the network", unexpected),
+            ("other shape", resized),
+        )
+        if names
+    ]
+    hint = ""
+    if any(".attentions.0.group_norm." in name for name in unexpected) and (
+        skeleton.config.resnet_time_scale_shift != "default"
+    ):
+        hint = (
+            "; a scale_shift model saved by diffusers < 0.18 has a mid-block attention GroupNorm: add "
+            f'"attn_norm_num_groups": {skeleton.config.norm_num_groups} to its config.json (conf/model/cifar_das.yaml)'
+        )
+    raise CorruptArtifactError(
+        f"{weights} does not hold the network {folder / 'config.json'} describes: "
+        + "; ".join(problems)
+        + hint
+    )
 
 
 @dataclass
