@@ -3,7 +3,9 @@ ground truth so that they can never drift apart.
 
 The noise for an image is keyed by the image's identity (its set and dataset index), the timestep and an
 ``e_seed``, never by its position in a batch: the same image sees the same noise in its attribution features
-and in the LDS ground truth, and two different images never share noise (METHOD.md §2).
+and in the LDS ground truth, and two different images never share noise (METHOD.md §2). Features that average
+several noise draws per timestep (METHOD.md §7) key each draw by its draw id too; draw 0 is the noise every
+stage has always used, so the ground truth (one draw) and one-draw features still see the same noise.
 """
 
 from __future__ import annotations
@@ -35,6 +37,16 @@ def make_scheduler(
     )
 
 
+def noise_seed(set_name: str, index: int, timestep: int, e_seed: int, draw: int = 0) -> int:
+    """The seed of one noise draw: draw 0 is keyed by (set, index, t, e_seed) as it always was (existing feature
+    stores and ground truths stay valid); draw d > 0 adds its id, so no two draws of one image share noise."""
+    if draw < 0:
+        raise ValueError(f"draw ids are non-negative, got {draw}")
+    if draw == 0:
+        return derive_seed("noise", set_name, index, timestep, int(e_seed))
+    return derive_seed("noise", set_name, index, timestep, int(e_seed), int(draw))
+
+
 def rule_noise(
     set_name: str,
     indices: Sequence[int] | torch.Tensor,
@@ -43,8 +55,10 @@ def rule_noise(
     shape: Sequence[int],
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    draws: int | Sequence[int] | torch.Tensor = 0,
 ) -> torch.Tensor:
-    """Noise for each (image, timestep) pair: ``out[b]`` is drawn for ``(set_name, indices[b], timesteps[b], e_seed)``.
+    """Noise for each (image, timestep) pair: ``out[b]`` is drawn for ``(set_name, indices[b], timesteps[b], e_seed)``
+    and the draw id ``draws[b]`` (one id for every row when an int; see :func:`noise_seed`).
 
     Drawn on the CPU from a generator per pair, so the values are the same on every device, batch size and
     number of processes. ``indices`` and ``timesteps`` have equal length B; returns a (B, *shape) tensor.
@@ -53,10 +67,16 @@ def rule_noise(
     timesteps = [int(t) for t in (timesteps.tolist() if torch.is_tensor(timesteps) else timesteps)]
     if len(indices) != len(timesteps):
         raise ValueError(f"indices ({len(indices)}) and timesteps ({len(timesteps)}) differ in length")
+    if isinstance(draws, int):
+        draw_ids = [draws] * len(indices)
+    else:
+        draw_ids = [int(d) for d in (draws.tolist() if torch.is_tensor(draws) else draws)]
+        if len(draw_ids) != len(indices):
+            raise ValueError(f"indices ({len(indices)}) and draws ({len(draw_ids)}) differ in length")
     out = torch.empty((len(indices), *shape), dtype=torch.float32)
     generator = torch.Generator()
-    for row, (index, timestep) in enumerate(zip(indices, timesteps, strict=True)):
-        generator.manual_seed(derive_seed("noise", set_name, index, timestep, int(e_seed)))
+    for row, (index, timestep, draw) in enumerate(zip(indices, timesteps, draw_ids, strict=True)):
+        generator.manual_seed(noise_seed(set_name, index, timestep, e_seed, draw))
         out[row] = torch.randn(tuple(shape), generator=generator)
     return out.to(device=device, dtype=dtype)
 
