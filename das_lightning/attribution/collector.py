@@ -98,17 +98,18 @@ class ProjectedGradientCollector(Callback):
             rows = self.projector.project(flat)
         self.store.write(indices, rows.detach().float().cpu().numpy())
         self.seconds += time.perf_counter() - started
-        self.sample_timesteps += len(indices) * len(self.gradients.timesteps)
+        # one (sample, draw) pair per timestep and noise draw: with one draw per timestep, sample-timesteps
+        self.sample_timesteps += len(indices) * self.gradients.num_draws
         if trainer.logger is not None and self.seconds > 0:
             trainer.logger.log_metrics(
                 {
                     "features/sample_timesteps_per_s": self.sample_timesteps / self.seconds,
-                    "features/rows_done": float(self.sample_timesteps / len(self.gradients.timesteps)),
+                    "features/rows_done": float(self.sample_timesteps / self.gradients.num_draws),
                 },
                 step=batch_idx,
             )
 
     @property
     def throughput(self) -> float:
-        """Sample-timesteps per second on this rank so far."""
+        """Sample-draws (sample-timesteps with one draw per timestep) per second on this rank so far."""
         return self.sample_timesteps / self.seconds if self.seconds else 0.0
