@@ -1,7 +1,17 @@
-"""Collect (or resume, or reuse) the projected gradient features of one image set into a feature store."""
+"""Collect (or resume, or reuse) the projected gradient features of one image set into a feature store.
+
+Where a store lives: ``collect_features`` is given ``<features_dir>/<name>/<key>``. Stores of one-draw settings
+(the defaults, and every store made before draws existed) live there. Settings with other draws
+(``draws_per_timestep``, ``sampling``, ``antithetic``, ``normalize=draw``) live beside it, in
+``<features_dir>/<name>-<hash of those draw settings>/<key>``: stores of different draws coexist, and a sweep over
+draws needs no hand-made names. Within one folder a store made with other settings is still refused, naming the
+keys that differ (another projector seed, K, checkpoint, ...).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -12,15 +22,26 @@ import torch
 
 from das_lightning import __version__
 from das_lightning.attribution.collector import ProjectedGradientCollector, ShardedPredictModule
-from das_lightning.attribution.grads import PerSampleGradients
+from das_lightning.attribution.grads import NORMALIZATIONS, PerSampleGradients, resolve_normalize
 from das_lightning.attribution.projectors import TAKES_DISTRIBUTION, ProjectorSettings, build_projector
 from das_lightning.attribution.store import FeatureStore, exclusive_writer
-from das_lightning.attribution.timesteps import select_timesteps
+from das_lightning.attribution.timesteps import (
+    SAMPLING_SCHEMES,
+    draw_plan,
+    select_timesteps,
+    stratified_timesteps,
+)
 from das_lightning.data import ImageDataset, dataset_identity
 from das_lightning.diffusion import NUM_TRAIN_TIMESTEPS
 from das_lightning.distributed import build_trainer, process_device
+from das_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+# settings that do not change a row (how fast it is computed), left out of the store manifest
+NOT_RECORDED = ("batch_size", "num_workers", "timestep_batch", "activation_budget_mib")
+# the draw settings: recorded only when they are not the one-draw defaults (FeatureSettings.draw_settings)
+DRAW_KEYS = ("normalize", "draws_per_timestep", "sampling", "antithetic")
 
 
 @dataclass
@@ -32,7 +53,9 @@ class FeatureSettings:
     timestep_strategy: str = "uniform"
     num_timesteps: int = 10
     timesteps: list[int] | None = None  # explicit list, with timestep_strategy=explicit
-    normalize_per_timestep: bool = True
+    # the older switch, kept for configs and code that set it: true = normalize "timestep", false = "none"; when
+    # given it wins over `normalize` (false always means no normalisation), then it is cleared to None
+    normalize_per_timestep: bool | None = None
     projector: ProjectorSettings = field(default_factory=ProjectorSettings)
     param_pattern: str | None = None  # regex on parameter names; None = all trainable
     e_seed: int = 0
@@ -41,12 +64,66 @@ class FeatureSettings:
     activation_budget_mib: int = 2048  # peak memory of one vmap call (see PerSampleGradients.pairs_per_call)
     dtype: str = "float32"
     num_workers: int = 0
+    # draws (METHOD.md §7): D noise draws per timestep, the timestep scheme, antithetic pairs, and how the draws'
+    # gradients are normalised before averaging; the defaults are the one-draw features of METHOD.md §2
+    normalize: str = "timestep"  # timestep (DAS: per t, over its draws) | draw (SNR-LDS: each draw) | none
+    draws_per_timestep: int = 1
+    sampling: str = "grid"  # grid (timestep_strategy's timesteps) | stratified (one jittered t per stratum)
+    antithetic: bool = False  # draws in pairs (eps, -eps): draws_per_timestep must be even
 
     def __post_init__(self) -> None:
         if isinstance(self.projector, dict):  # from a composed config, or from asdict() of another settings
             self.projector = ProjectorSettings(**self.projector)
+        if self.normalize_per_timestep is not None:
+            if not self.normalize_per_timestep:
+                self.normalize = "none"
+            elif self.normalize == "none":
+                self.normalize = "timestep"
+            self.normalize_per_timestep = None  # copies (asdict) carry `normalize` alone
+        self.validate_draws()
+
+    def validate_draws(self) -> None:
+        """Refuse draw settings that cannot work, before any feature is computed."""
+        if self.normalize not in NORMALIZATIONS:
+            raise ConfigError(
+                f"method.features.normalize must be one of {list(NORMALIZATIONS)}, not {self.normalize!r}"
+            )
+        if self.sampling not in SAMPLING_SCHEMES:
+            raise ConfigError(
+                f"method.features.sampling must be one of {list(SAMPLING_SCHEMES)}, not {self.sampling!r}"
+            )
+        if self.sampling == "stratified" and (
+            self.timestep_strategy != "uniform" or self.timesteps is not None
+        ):
+            raise ConfigError(
+                "method.features.sampling=stratified draws its own timesteps (one per stratum of "
+                f"[0, {NUM_TRAIN_TIMESTEPS})): it needs timestep_strategy=uniform and no explicit timesteps, "
+                f"not timestep_strategy={self.timestep_strategy!r}"
+            )
+        draw_plan([0], int(self.draws_per_timestep), bool(self.antithetic))  # D >= 1, even when antithetic
+
+    @property
+    def effective_normalize(self) -> str:
+        """The normalisation in force ("draw" with one draw per timestep is "timestep": the same feature)."""
+        return resolve_normalize(self.normalize, None, int(self.draws_per_timestep))
+
+    def draw_settings(self) -> dict[str, Any]:
+        """The draw settings that differ from the one-draw defaults (empty for today's features): what enters
+        the store manifest beside the older keys, and what names a store's folder."""
+        described: dict[str, Any] = {}
+        if int(self.draws_per_timestep) != 1:
+            described["draws_per_timestep"] = int(self.draws_per_timestep)
+        if self.sampling != "grid":
+            described["sampling"] = self.sampling
+        if self.antithetic:
+            described["antithetic"] = True
+        if self.effective_normalize == "draw":
+            described["normalize"] = "draw"
+        return described
 
     def timestep_list(self) -> list[int]:
+        if self.sampling == "stratified":
+            return stratified_timesteps(self.num_timesteps, total=NUM_TRAIN_TIMESTEPS, seed=self.e_seed)
         return select_timesteps(
             self.timestep_strategy,
             self.num_timesteps,
@@ -83,12 +160,15 @@ def make_gradients(
         alphas_cumprod,
         output_function=settings.output_function,
         timesteps=settings.timestep_list(),
-        normalize_per_timestep=settings.normalize_per_timestep,
+        normalize_per_timestep=settings.effective_normalize == "timestep",
         param_filter=settings.param_pattern,
         e_seed=settings.e_seed,
         unet_kwargs=unet_kwargs,
         timestep_batch=settings.timestep_batch,
         activation_bytes=settings.activation_budget_mib << 20,
+        draws_per_timestep=settings.draws_per_timestep,
+        antithetic=settings.antithetic,
+        normalize=settings.normalize,
     )
 
 
@@ -126,10 +206,12 @@ def feature_manifest(
 ) -> dict[str, Any]:
     """Everything that determines the rows; a store whose manifest differs is refused."""
     described = {
-        k: v
-        for k, v in asdict(settings).items()
-        if k not in {"batch_size", "num_workers", "timestep_batch", "activation_budget_mib", "projector"}
+        k: v for k, v in asdict(settings).items() if k not in {*NOT_RECORDED, "projector", *DRAW_KEYS}
     }
+    # the normalisation under the key stores have always recorded, the draw settings only when they are not the
+    # one-draw defaults: stores made before draws existed keep their manifest, and stay valid
+    described["normalize_per_timestep"] = settings.effective_normalize == "timestep"
+    described.update(settings.draw_settings())
     # the projector's settings under the flat keys stores have always recorded, so existing stores stay valid
     chosen = settings.projector
     described.update(
@@ -149,6 +231,20 @@ def feature_manifest(
     }
 
 
+def store_folder(folder: Path, settings: FeatureSettings) -> Path:
+    """Where the store of ``settings`` lives, given the folder of its feature set's name and key
+    (``<features_dir>/<name>/<key>``): there for one-draw settings, else ``<name>-<hash of the draw settings>/<key>``
+    beside it (see the module docstring)."""
+    folder = Path(folder)
+    draws = settings.draw_settings()
+    if not draws:
+        return folder
+    digest = hashlib.sha256(json.dumps(draws, sort_keys=True).encode()).hexdigest()[:10]
+    if not folder.parent.name:  # a bare relative folder: the suffix goes on the folder itself
+        return folder.with_name(f"{folder.name}-{digest}")
+    return folder.parent.with_name(f"{folder.parent.name}-{digest}") / folder.name
+
+
 def collect_features(
     unet: torch.nn.Module,
     alphas_cumprod: torch.Tensor,
@@ -161,11 +257,13 @@ def collect_features(
     unet_kwargs: dict[str, Any] | None = None,
     extra_inputs: Callable | None = None,
 ) -> FeatureStore:
-    """Fill the store at ``folder`` with the features of every image of ``dataset``; resumes at missing rows."""
+    """Fill the store of ``settings`` at ``folder`` (or beside it, see :func:`store_folder`) with the features of
+    every image of ``dataset``; resumes at missing rows. The returned store's ``folder`` says where it is."""
     gradients = make_gradients(unet, alphas_cumprod, settings, unet_kwargs)
     target = process_device(device.accelerator).type
     projector = make_projector(settings, gradients.num_parameters, target)
     manifest = feature_manifest(checkpoint_id, dataset, settings, gradients, projector)
+    folder = store_folder(folder, settings)
     with exclusive_writer(folder):  # a second run on this store stops here instead of writing beside this one
         store = FeatureStore.open(folder, len(dataset), projector.dim, manifest, dtype=settings.dtype)
         pending = store.pending_indices()
