@@ -18,6 +18,7 @@ from das_lightning.attribution.features import (
     CollectionDevice,
     FeatureSettings,
     collect_features,
+    draw_suffix,
     feature_manifest,
     make_gradients,
     make_projector,
@@ -406,6 +407,9 @@ def test_stores_of_other_draws_live_beside_todays_and_are_reused(
     draws = collect(draws_per_timestep=2, antithetic=True)
     stratified = collect(sampling="stratified")
     assert draws.folder.name == "train" and draws.folder.parent.name.startswith("das-")
+    assert draws.folder.parent.name == "das" + draw_suffix(
+        FeatureSettings(draws_per_timestep=2, antithetic=True)
+    )
     assert len({today.folder, draws.folder, stratified.folder}) == 3
     assert not np.allclose(np.asarray(today.features), np.asarray(draws.features))
     manifest = json.loads((draws.folder / "manifest.json").read_text())

@@ -231,18 +231,26 @@ def feature_manifest(
     }
 
 
+def draw_suffix(settings: FeatureSettings) -> str:
+    """ "" for one-draw settings, else "-<10 hex digits of a hash of the draw settings>": what tells the folders of
+    other draws apart (feature stores here; score folders may use it too)."""
+    draws = settings.draw_settings()
+    if not draws:
+        return ""
+    return "-" + hashlib.sha256(json.dumps(draws, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def store_folder(folder: Path, settings: FeatureSettings) -> Path:
     """Where the store of ``settings`` lives, given the folder of its feature set's name and key
     (``<features_dir>/<name>/<key>``): there for one-draw settings, else ``<name>-<hash of the draw settings>/<key>``
     beside it (see the module docstring)."""
     folder = Path(folder)
-    draws = settings.draw_settings()
-    if not draws:
+    suffix = draw_suffix(settings)
+    if not suffix:
         return folder
-    digest = hashlib.sha256(json.dumps(draws, sort_keys=True).encode()).hexdigest()[:10]
     if not folder.parent.name:  # a bare relative folder: the suffix goes on the folder itself
-        return folder.with_name(f"{folder.name}-{digest}")
-    return folder.parent.with_name(f"{folder.parent.name}-{digest}") / folder.name
+        return folder.with_name(folder.name + suffix)
+    return folder.parent.with_name(folder.parent.name + suffix) / folder.name
 
 
 def collect_features(

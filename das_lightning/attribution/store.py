@@ -4,8 +4,9 @@
     <folder>/row_digests.npy  N x 16 bytes: BLAKE2b of each finished row's bytes
     <folder>/done.npy         N bytes, 1 where row i is complete (a byte per row so ranks never share a word)
     <folder>/manifest.json    everything that produced the rows (checkpoint hash, output function, timesteps,
-                              noise seed, projector kind/seed/k, parameter selection, data + index hash, version)
-                              and the byte size, shape and dtype of each file ("layout")
+                              noise seed, the noise draws when not one per timestep, projector kind/seed/k,
+                              parameter selection, data + index hash, version) and the byte size, shape and dtype
+                              of each file ("layout")
 
 A row is marked done only after its features and its checksum are written and flushed, so a half-written row never
 counts: a run killed at any moment resumes at the missing rows and ends with the same array as an uninterrupted run.
