@@ -1,6 +1,7 @@
-"""A Python API for notebooks, on the same code path as ``attribute.py``: it composes the same Hydra config from
-``conf/`` with the same overrides and calls the same stage, so stores, manifests, resumption and caching are those
-of the command line (a second call with the same inputs reuses every feature).
+"""A Python API for notebooks, on the same code path as ``attribute.py``: it composes the same Hydra config (the
+project's ``conf/``, installed with the package as ``das_lightning.conf``: no source checkout is needed) with the
+same overrides and calls the same stage, so stores, manifests, resumption and caching are those of the command line
+(a second call with the same inputs reuses every feature).
 
     from das_lightning import attribute
     result = attribute("path/to/ddpm-pipeline", train_dataset="fashion2", queries=["my.png"], method="das")
@@ -29,7 +30,12 @@ from PIL import Image
 from das_lightning.errors import ConfigError, MissingArtifactError
 from das_lightning.manifest import atomic_folder, atomic_write_bytes, atomic_write_text
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+def config_dir() -> Path:
+    """The installed configs (``conf/`` of the source tree, packaged as ``das_lightning.conf``)."""
+    from importlib.resources import files
+
+    return Path(str(files("das_lightning.conf")))
 
 
 @dataclass
@@ -55,12 +61,13 @@ class Attribution:
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    if not CONFIG_DIR.is_dir():
+    folder = config_dir()
+    if not (folder / "attribute.yaml").is_file():
         raise MissingArtifactError(
-            f"the API composes the project's configs from {CONFIG_DIR}; install das-lightning from its source "
-            "checkout (pip install -e .)"
+            f"the API composes the project's configs from {folder}, which has no attribute.yaml: reinstall "
+            "das-lightning (pip install das-lightning, or pip install -e . in a checkout)"
         )
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(folder), version_base="1.3"):
         return compose(config_name="attribute", overrides=overrides)
 
 

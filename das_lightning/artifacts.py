@@ -13,8 +13,16 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from das_lightning.data import ImageDataset
 from das_lightning.errors import ConfigError, MissingArtifactError
-from das_lightning.manifest import CorruptArtifactError, read_manifest, verified_file, verify_file
+from das_lightning.manifest import (
+    CorruptArtifactError,
+    ManifestMismatchError,
+    manifest_differences,
+    read_manifest,
+    verified_file,
+    verify_file,
+)
 from das_lightning.models.adapters import MeasuredModel, ModelAdapter
 from das_lightning.models.ddpm import load_trained_network
 from das_lightning.models.sampling import SamplerSettings
@@ -122,3 +130,14 @@ def stored_sampler(paths: RunPaths) -> SamplerSettings:
     """The sampler settings a run's generated queries were made with (from their manifest)."""
     manifest = generated_manifest(paths)
     return SamplerSettings(**{key: manifest[key] for key in SamplerSettings.__dataclass_fields__})
+
+
+def require_trained_on(paths: RunPaths, train_set: ImageDataset) -> None:
+    """Refuse to use a model with a training set other than the one it was trained on."""
+    manifest = read_manifest(paths.run_dir) or {}
+    differences = manifest_differences(
+        {"dataset": manifest.get("dataset"), "num_train": manifest.get("num_train")},
+        {"dataset": train_set.set_name, "num_train": len(train_set)},
+    )
+    if differences:
+        raise ManifestMismatchError(paths.run_dir, differences)

@@ -20,7 +20,6 @@ from das_lightning.data import build_dataset
 from das_lightning.distributed import is_global_zero
 from das_lightning.errors import UserError
 from das_lightning.loggers import LoggerSettings
-from das_lightning.manifest import ManifestMismatchError
 from das_lightning.models.ddpm import OptimizerSettings
 from das_lightning.models.sampling import SamplerSettings
 from das_lightning.paths import RunPaths
@@ -51,6 +50,9 @@ def user_errors_exit(main: Callable[..., T]) -> Callable[..., T]:
 
     @wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> T:
+        from das_lightning.quiet import quiet_other_libraries
+
+        quiet_other_libraries()
         try:
             return main(*args, **kwargs)
         except USER_ERRORS as error:
@@ -190,43 +192,18 @@ def module_settings(model_cfg: DictConfig) -> dict[str, Any]:
 
 
 def attribution_inputs(cfg: DictConfig, paths: RunPaths, method):
-    """The full model, its training set and its query sets, as the attribute stage needs them."""
-    from das_lightning.artifacts import load_finished, training_snapshots
+    """The attribute stage's typed inputs from the config: the model's adapter, the training set and the query sets."""
+    from das_lightning.attribution.inputs import load_attribution_inputs
     from das_lightning.attribution.methods import build_method
-    from das_lightning.attribution.pipeline import AttributionInputs
-    from das_lightning.models.adapters import PretrainedAdapter
     from das_lightning.queries import build_query_sets
-    from das_lightning.selection import lds_json_path
 
-    adapter = model_adapter(cfg.model)
-    train_set = dataset_from_config(cfg, split="train")
-    if isinstance(adapter, PretrainedAdapter):  # trained elsewhere: the user names its training set
-        adapter.check_fits(train_set.channels, train_set.image_size)
-        model = adapter.load()
-    else:
-        model = load_finished(paths, adapter)
-        require_trained_on(paths, train_set)
-    query_sets = build_query_sets(query_settings(cfg), dataset_from_config(cfg, split="test"), paths)
-    entry = build_method(method)
-    snapshots = training_snapshots(paths) if entry.needs_snapshots else []
-    journey = {}
-    if entry.needs_journey and "generated" in query_sets:
-        from das_lightning.attribution.methods.journey_support import predicted_clean_steps
-
-        model.to(collection_device(cfg).torch_device())  # replaying SD trajectories on a CPU would take hours
-        journey["generated"] = predicted_clean_steps(
-            model, paths, len(query_sets["generated"]), method.journey_steps
-        )
-        model.to("cpu")
-    return AttributionInputs(
-        model=model,
-        train_set=train_set,
-        query_sets=query_sets,
-        features_dir=paths.features_dir,
-        scores_dir=paths.scores_dir,
-        snapshots=snapshots,
-        journey=journey,
-        lds_file=lds_json_path(paths),
+    return load_attribution_inputs(
+        paths,
+        model_adapter(cfg.model),
+        dataset_from_config(cfg, split="train"),
+        build_query_sets(query_settings(cfg), dataset_from_config(cfg, split="test"), paths),
+        build_method(method),
+        collection_device(cfg),
     )
 
 
@@ -248,19 +225,6 @@ def close_logger(logger) -> None:
     from das_lightning.loggers import finish_logger
 
     finish_logger(logger)
-
-
-def require_trained_on(paths: RunPaths, train_set) -> None:
-    """Refuse to attribute a model to a training set other than the one it was trained on."""
-    from das_lightning.manifest import manifest_differences, read_manifest
-
-    manifest = read_manifest(paths.run_dir) or {}
-    differences = manifest_differences(
-        {"dataset": manifest.get("dataset"), "num_train": manifest.get("num_train")},
-        {"dataset": train_set.set_name, "num_train": len(train_set)},
-    )
-    if differences:
-        raise ManifestMismatchError(paths.run_dir, differences)
 
 
 def run_lds(cfg: DictConfig):
@@ -301,6 +265,7 @@ def run_counterfactual(cfg: DictConfig) -> None:
     import hydra
     from omegaconf import OmegaConf
 
+    from das_lightning.artifacts import require_trained_on
     from das_lightning.evaluation.counterfactual import CounterfactualSettings, counterfactual
     from das_lightning.training import train_model
 

@@ -62,6 +62,8 @@ def build_logger(
             group=group,
             job_type=job_type,
         )
+        # Lightning passes wandb.init an "anonymous" key that wandb no longer reads and warns about on every run
+        getattr(logger, "_wandb_init", {}).pop("anonymous", None)
         return logger
     raise ConfigError(f"unknown logger kind {settings.kind!r}; choose wandb, csv or none")
 

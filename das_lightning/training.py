@@ -325,6 +325,8 @@ def _fit(
         enable_version_counter=False,
     )
     callbacks: list[Callback] = [checkpoint]
+    if trainer_settings.enable_progress_bar:
+        callbacks.extend(step_progress_bar())
     if train.snapshot_every_n_steps > 0:
         callbacks.append(SnapshotCallback(paths.snapshots_dir, train.snapshot_every_n_steps))
     resume = Path(resume_from) if resume_from is not None else None
@@ -350,6 +352,21 @@ def _fit(
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
     if trainer.is_global_zero:
         save_finished_model(paths.unet_dir, module.save_trained, trainer.global_step)
+
+
+def step_progress_bar() -> list[Callback]:
+    """Training is bounded by steps, not epochs: the bar names the epoch and the step budget (Lightning's own
+    reads "Epoch 3/-2" when only max_steps is set). Lightning's plain bar where rich is not installed."""
+    from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE, RichProgressBar
+
+    if not _RICH_AVAILABLE:
+        return []
+
+    class StepBudgetProgressBar(RichProgressBar):
+        def _get_train_description(self, current_epoch: int) -> str:
+            return f"Epoch {current_epoch} (step {self.trainer.global_step} of {self.trainer.max_steps})"
+
+    return [StepBudgetProgressBar()]
 
 
 def save_finished_model(unet_dir: Path, save: Callable[[str], None], step: int) -> None:
