@@ -135,6 +135,7 @@ class BootstrapInterval:
             name: 100.0 * getattr(self, name) for name in fields
         }
         record.update(
+            variance_scale=self.variance_scale,
             confidence=self.confidence,
             scheme=self.scheme,
             resample_queries=self.resample_queries,
