@@ -1,6 +1,6 @@
 # make demo: train -> generate -> attribute (DAS, D-TRAK, pixel) -> LDS on the embedded fashion2 data, offline, on CPU
 # make test: the fast CPU test suite
-# make bench-features / bench-lds: the CPU benchmarks (README, Benchmarks); make gpu-check: the GPU check
+# make bench-features / bench-lds: the CPU benchmarks (docs/benchmarks.md); make gpu-check: the GPU check
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

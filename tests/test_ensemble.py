@@ -48,7 +48,7 @@ def test_a_seed_ensemble_averages_its_members_scores_at_every_c(ensemble_root: P
     for query_set in ("val", "generated"):
         plain, _ = _scores(ensemble_root, "das", query_set)
         alone0, _ = _scores(ensemble_root, "das_seeds0", query_set)
-        alone1, _ = _scores(ensemble_root, "das_seeds1", query_set)
+        alone1, manifest1 = _scores(ensemble_root, "das_seeds1", query_set)
         both, manifest = _scores(ensemble_root, "das_seeds0-1", query_set)
         np.testing.assert_array_equal(
             alone0, plain
@@ -60,6 +60,8 @@ def test_a_seed_ensemble_averages_its_members_scores_at_every_c(ensemble_root: P
         assert [m["member"] for m in members] == ["seed0", "seed1"]
         assert members[0]["checkpoint"] != members[1]["checkpoint"]
         assert all(m["lambda_unit"] > 0 for m in members)
+        # each member's own unit (not the first member's for all): seed 1's is its one-member ensemble's unit
+        assert members[1]["lambda_unit"] == manifest1["lambda_unit"] != members[0]["lambda_unit"]
 
 
 def test_members_featurise_the_primary_models_generated_queries(ensemble_root: Path) -> None:

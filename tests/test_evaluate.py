@@ -11,6 +11,7 @@ import pytest
 
 from das_lightning import cli
 from das_lightning.attribution.pipeline import load_scores
+from das_lightning.errors import ConfigError, MissingArtifactError
 from das_lightning.evaluation.pipeline import MissingSubsetModelsError
 from das_lightning.manifest import ManifestMismatchError
 
@@ -102,6 +103,15 @@ def test_missing_subset_models_are_named_before_any_work(lds_root: Path) -> None
     message = str(error.value)
     assert "3 (seed 0)" in message and "4 (seed 0)" in message and "subset.index=3,4" in message
     assert "1 (seed 0)" not in message
+
+
+def test_typos_are_named_before_the_subset_models_are_looked_for(lds_root: Path, tmp_path: Path) -> None:
+    """A misspelt method or lds.* value is named at once, not after "train N subset models" (which the missing
+    subsets of lds.num_subsets=40 would otherwise say first)."""
+    with pytest.raises(MissingArtifactError, match="method 'nope' has no scores.*scored here: .*das"):
+        _evaluate(lds_root, "methods=[das,nope]", "lds.num_subsets=40")
+    with pytest.raises(ConfigError, match="lds.heldout must be one of"):
+        _evaluate(tmp_path / "nothing-here", "lds.heldout=nope")
 
 
 def test_scores_for_another_query_list_are_refused(lds_root: Path) -> None:

@@ -173,6 +173,17 @@ def test_evaluate_method_reports_heldout_and_oracle_in_percent() -> None:
     )
 
 
+def test_an_ensembles_records_carry_every_members_unit(tmp_path) -> None:
+    scores_by_lambda, masks, losses = lambda_problem()
+    members = [{"member": "seed0", "lambda_unit": 2.0}, {"member": "seed1", "lambda_unit": 3.0}]
+    records = evaluate_method(
+        scores_by_lambda, masks, losses, "das_seeds0-1", "val", 50, lambda_unit=2.0, members=members
+    )
+    assert all(record.to_json()["members"] == members for record in records)
+    plain = evaluate_method(scores_by_lambda, masks, losses, "das", "val", 50, lambda_unit=2.0)
+    assert all("members" not in record.to_json() for record in plain)  # one model: no member list
+
+
 def test_method_without_lambda_and_outputs(tmp_path) -> None:
     scores_by_lambda, masks, losses = lambda_problem()
     records = evaluate_method({None: scores_by_lambda[0.1]}, masks, losses, "pixel", "val", num_resamples=50)

@@ -59,7 +59,9 @@ class LDSRecord:
         record = dataclasses.asdict(self)
         record["lambda_scale"] = record.pop("lambda_")
         record["lambda"] = record.pop("lambda_absolute")
-        if not record["members"]:
+        if record["members"]:
+            record["members"] = [dict(member) for member in record["members"]]
+        else:
             record.pop("members")
         return record
 

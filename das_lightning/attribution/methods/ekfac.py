@@ -40,6 +40,7 @@ from das_lightning.attribution.context import ScoringContext
 from das_lightning.attribution.features import CollectionDevice
 from das_lightning.attribution.methods.base import Method, MethodScores, register
 from das_lightning.attribution.settings import EKFACSettings
+from das_lightning.attribution.signed_square import signed_square
 from das_lightning.data import dataset_identity
 from das_lightning.errors import ConfigError
 from das_lightning.manifest import check_or_write_manifest, hash_file
@@ -53,7 +54,7 @@ FISHERS = ("sampled", "empirical")
 READOUT_POWERS = {
     "linear": lambda s: s,
     "square": np.square,
-    "signed_square": lambda s: np.sign(s) * np.square(s),
+    "signed_square": signed_square,
 }
 
 

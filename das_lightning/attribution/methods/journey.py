@@ -37,7 +37,13 @@ class JourneyTRAK(KernelMethod):
         steps = []
         for timestep, predicted_clean in inputs.journey[query_set]:
             features = FeatureSettings(
-                **{**asdict(settings.features), "timestep_strategy": "explicit", "timesteps": [int(timestep)]}
+                **{
+                    **asdict(settings.features),
+                    # the step's own timestep, whatever the method's sampling of timesteps
+                    "timestep_strategy": "explicit",
+                    "timesteps": [int(timestep)],
+                    "sampling": "grid",
+                }
             )
             # already in the network's space (pixels, or latents of a latent model): no encoding on the way in
             state = ModelSpaceDataset(

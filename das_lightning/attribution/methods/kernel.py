@@ -114,7 +114,7 @@ class RenormalizedInfluence(KernelMethod):
     normalized_rows = True
 
 
-# DAS residual variants (METHOD.md §2 and the README's LDS section)
+# DAS residual variants (METHOD.md §2 and docs/benchmarks.md, LDS at CPU scale)
 RESIDUALS = {
     "none": "r_i = 1",
     "normalized": "the authors' r_i: sqrt of the per-timestep loss, unit-normalised over t, averaged over t",
