@@ -234,9 +234,9 @@ class RelativeInfluence(Readout):
         return torch.where(self_influence > 0, terms.similarity * terms.inverse_scale / safe, 0.0)
 
 
-class Squared(Readout):
-    """Another readout's score, squared: ranks by the size of the change, not its sign (``method.square=true`` on a
-    kernel method other than DAS, which squares inside its own readout)."""
+class MappedReadout(Readout):
+    """Another readout's score through an elementwise map (its power: :class:`Squared`, ``SignedSquare``); what the
+    inner readout needs (leverages, psi) passes through."""
 
     def __init__(self, inner: Readout) -> None:
         self.inner = inner
@@ -247,7 +247,17 @@ class Squared(Readout):
         self.inner.check(num_train)
 
     def __call__(self, terms: BlockTerms) -> torch.Tensor:
-        return self.inner(terms).square()
+        return self.transform(self.inner(terms))
+
+    def transform(self, scores: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Squared(MappedReadout):
+    """Another readout's score, squared: ranks by the size of the change, not its sign (``method.square=true``)."""
+
+    def transform(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores.square()
 
 
 def powered(signed: Readout, power: str) -> Readout:

@@ -17,7 +17,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from das_lightning.attribution.kernel_solver import BlockTerms, Readout
+from das_lightning.attribution.kernel_solver import MappedReadout
 
 Scores = TypeVar("Scores", torch.Tensor, np.ndarray)
 
@@ -29,17 +29,9 @@ def signed_square(scores: Scores) -> Scores:
     return np.multiply(scores, np.abs(scores))
 
 
-class SignedSquare(Readout):
+class SignedSquare(MappedReadout):
     """Another readout's score s as s |s|: ranks by size within each sign, keeps the sign
     (``method.square=signed_square`` on a kernel method; for DAS it wraps the unsquared ``DASReadout``)."""
 
-    def __init__(self, inner: Readout) -> None:
-        self.inner = inner
-        self.needs_leverage = inner.needs_leverage
-        self.uses_psi = inner.uses_psi
-
-    def check(self, num_train: int) -> None:
-        self.inner.check(num_train)
-
-    def __call__(self, terms: BlockTerms) -> torch.Tensor:
-        return signed_square(self.inner(terms))
+    def transform(self, scores: torch.Tensor) -> torch.Tensor:
+        return signed_square(scores)
