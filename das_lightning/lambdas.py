@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-DEFAULT_LAMBDA_SCALE = 0.01  # c used for pictures before an LDS has selected one (see docs/benchmarks.md, LDS at CPU scale)
+# c used for pictures before an LDS has selected one (see docs/benchmarks.md, LDS at CPU scale)
+DEFAULT_LAMBDA_SCALE = 0.01
 
 
 def default_scale_grid() -> list[float]:

@@ -4,7 +4,6 @@ composes them without a source checkout)."""
 from __future__ import annotations
 
 import tomllib
-
 from setuptools import find_packages
 
 from das_lightning.api import config_dir

@@ -11,10 +11,11 @@ from das_lightning.attribution.kernel_solver import (
     DASReadout,
     InnerProduct,
     RelativeInfluence,
+    SignedSquare,
     Squared,
     kernel_scores,
+    signed_square,
 )
-from das_lightning.attribution.signed_square import SignedSquare, signed_square
 
 
 @pytest.fixture(scope="module")

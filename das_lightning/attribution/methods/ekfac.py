@@ -38,9 +38,9 @@ import torch
 
 from das_lightning.attribution.context import ScoringContext
 from das_lightning.attribution.features import CollectionDevice
+from das_lightning.attribution.kernel_solver import signed_square
 from das_lightning.attribution.methods.base import Method, MethodScores, register
 from das_lightning.attribution.settings import EKFACSettings
-from das_lightning.attribution.signed_square import signed_square
 from das_lightning.data import dataset_identity
 from das_lightning.errors import ConfigError
 from das_lightning.manifest import check_or_write_manifest, hash_file
