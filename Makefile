@@ -13,16 +13,18 @@ GPU_WHEELS := diffusers importlib_metadata 'hydra-core>=1.3,<1.4' 'omegaconf>=2.
 
 .PHONY: demo test lint bench-features bench-lds gpu-check gpu-wheels clean
 
+# PYTHONWARNINGS=ignore: setuptools' build warnings about editable installs are not ours to act on
+PIP := PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	$(BIN)/python -m pip install --quiet --no-deps $(KRONFLUENCE)
+	$(PIP) --upgrade pip
+	$(PIP) -e '.[dev]'
+	$(PIP) --no-deps $(KRONFLUENCE)
 	touch $(STAMP)
 
 # the published recipe's projector (TRAK, PyPI traker: pure Python; its torch requirement is met by ours)
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	$(PIP) -e '.[dev,bench]'
 	touch $(BENCH_STAMP)
 
 # the whole job on the embedded data (conf/experiment/demo.yaml): full model, 8 subset models two at a time (one

@@ -14,7 +14,13 @@ from conftest import REPO
 def test_every_package_of_the_tree_is_installed() -> None:
     listed = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
     found = find_packages(REPO, include=["das_lightning", "das_lightning.*", "das_lightning_testing"])
-    assert sorted(listed) == sorted([*found, "das_lightning.conf"])
+    config_folders = [
+        ".".join(["das_lightning", *folder.relative_to(REPO).parts])
+        for folder in [REPO / "conf", *(REPO / "conf").rglob("*")]
+        if folder.is_dir() and folder.name != "__pycache__"
+    ]
+    data_folders = ["das_lightning.data.assets"]  # the embedded dataset, no code
+    assert sorted(listed) == sorted([*found, *config_folders, *data_folders])
 
 
 def test_the_api_finds_the_installed_configs_with_every_yaml() -> None:
