@@ -364,7 +364,7 @@ def step_progress_bar() -> list[Callback]:
 
     class StepBudgetProgressBar(RichProgressBar):
         def _get_train_description(self, current_epoch: int) -> str:
-            return f"Epoch {current_epoch} (step {self.trainer.global_step} of {self.trainer.max_steps})"
+            return f"Epoch {current_epoch} of a {self.trainer.max_steps}-step run"
 
     return [StepBudgetProgressBar()]
 

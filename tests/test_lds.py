@@ -231,3 +231,49 @@ def test_fast_bootstrap_equals_recomputing_lds_on_each_resample() -> None:
     torch.testing.assert_close(
         _bootstrap_means(predicted, losses, resamples, resample_chunk=7, max_comparisons=500), slow
     )
+
+
+def test_the_reported_interval_includes_the_seed_and_a_difference_must_survive_it() -> None:
+    """Ground truth of two training seeds that disagree: each record shows both per-seed LDS, its LDS is the one of
+    the averaged losses, and its interval (which resamples seeds) is wider than with one seed."""
+    scores_by_lambda, masks, losses = lambda_problem()
+    rng = np.random.default_rng(5)
+    other_seed = losses + rng.normal(scale=2.0 * losses.std(), size=losses.shape)
+    by_seed = np.stack([losses, other_seed])
+    averaged = by_seed.mean(0)
+    one_seed = evaluate_method(scores_by_lambda, masks, averaged, "das", "val", 300)
+    two_seeds = evaluate_method(scores_by_lambda, masks, averaged, "das", "val", 300, losses_by_seed=by_seed)
+    for single, several in zip(one_seed, two_seeds, strict=True):
+        assert several.lds == pytest.approx(single.lds)  # the point estimate is the averaged ground truth's
+        assert len(several.per_seed) == 2 and len(single.per_seed) == 1
+        assert several.ci_high - several.ci_low > single.ci_high - single.ci_low
+    oracle = two_seeds[1]
+    assert oracle.per_seed[0] == pytest.approx(
+        100 * float(lds_per_query(scores_by_lambda[0.1], masks, losses).mean())
+    )
+    assert "per seed (%)" in markdown_table(two_seeds)
+    # a method against itself: exactly zero, never resolved; against noise: resolved on both seeds
+    same = paired_difference(
+        "das",
+        scores_by_lambda[0.1],
+        "das",
+        scores_by_lambda[0.1],
+        masks,
+        averaged,
+        "val",
+        200,
+        losses_by_seed=by_seed,
+    )
+    assert same.diff == 0 and same.ci_low == same.ci_high == 0 and not same.resolved
+    better = paired_difference(
+        "das",
+        scores_by_lambda[0.1],
+        "noise",
+        scores_by_lambda[10.0],
+        masks,
+        averaged,
+        "val",
+        200,
+        losses_by_seed=by_seed,
+    )
+    assert better.resolved and better.to_json()["resolved"] and len(better.per_seed) == 2

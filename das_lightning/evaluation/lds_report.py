@@ -1,5 +1,11 @@
 """What the LDS stage reports, in percent: one record per method, query set and lambda selection, paired
-differences, the Markdown table and the plot of LDS against lambda. ``lds.json`` itself is written by
+differences, the Markdown table and the plot of LDS against lambda.
+
+Every interval is :data:`INTERVAL`: a bootstrap that resamples the queries and the subsets together (half-sampling
+of the subsets, no repeats), re-centred for the bias of a Spearman over few subsets, and, when the ground truth comes
+from several training seeds, resampling those too (:mod:`.intervals`), so a comparison counts as resolved only when
+it survives the queries, the subsets and the seed. The LDS itself is the plain point estimate on the seed-averaged
+losses, comparable with published tables; the per-seed values are reported beside it. ``lds.json`` itself is written by
 :mod:`das_lightning.selection` (the one module that reads and writes it)."""
 
 from __future__ import annotations
@@ -13,18 +19,22 @@ from typing import Any
 
 import numpy as np
 
-from das_lightning.evaluation.lambda_selection import heldout_halves, select_lambda, subset_rows
-from das_lightning.evaluation.lds import (
-    ArrayLike,
-    Lambda,
-    LDSResult,
-    bootstrap_lds,
-    paired_bootstrap_difference,
+from das_lightning.evaluation.intervals import (
+    MIN_SUBSETS,
+    SeedSpread,
+    seed_spread_difference,
+    seed_spread_lds,
 )
+from das_lightning.evaluation.lambda_selection import heldout_halves, select_lambda, subset_rows
+from das_lightning.evaluation.lds import ArrayLike, Lambda
 from das_lightning.lambdas import grid_edge
 from das_lightning.manifest import atomic_save
 
 log = logging.getLogger(__name__)
+
+INTERVAL = (
+    "two-way bootstrap over queries and subsets (half-sampling), bias-corrected, seeds resampled when R > 1"
+)
 
 
 def _percent(value: float) -> float:
@@ -52,6 +62,11 @@ class LDSRecord:
     lambda_absolute: float | None = None
     edge: str | None = None
     heldout_mode: str = "queries"
+    per_seed: tuple[float, ...] = ()  # the LDS against each training seed's ground truth alone (R values)
+    bias: float = (
+        0.0  # the bootstrap's estimate of the point estimate's small-sample bias (subtracted in the CI)
+    )
+    interval: str = INTERVAL
     # an ensemble's members: each one's name, weights checksum and own lambda unit (c x unit is its lambda)
     members: tuple[dict[str, Any], ...] = ()
 
@@ -59,6 +74,7 @@ class LDSRecord:
         record = dataclasses.asdict(self)
         record["lambda_scale"] = record.pop("lambda_")
         record["lambda"] = record.pop("lambda_absolute")
+        record["per_seed"] = list(record["per_seed"])
         if record["members"]:
             record["members"] = [dict(member) for member in record["members"]]
         else:
@@ -68,7 +84,7 @@ class LDSRecord:
 
 @dataclass(frozen=True)
 class PairedDifference:
-    """mean LDS(a) - mean LDS(b) with its paired-bootstrap 95% CI, in PERCENT."""
+    """mean LDS(a) - mean LDS(b) with its paired 95% CI (the same queries, subsets and seeds for both), PERCENT."""
 
     a: str
     b: str
@@ -76,15 +92,22 @@ class PairedDifference:
     diff: float
     ci_low: float
     ci_high: float
+    per_seed: tuple[float, ...] = ()
+    interval: str = INTERVAL
+
+    @property
+    def resolved(self) -> bool:
+        """The interval excludes zero: the difference survives the queries, the subsets and the seed."""
+        return self.ci_low > 0 or self.ci_high < 0
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "per_seed": list(self.per_seed), "resolved": self.resolved}
 
 
 def _record(
     method: str,
     query_set: str,
-    result: LDSResult,
+    result: SeedSpread,
     lambda_: Lambda,
     lambda_selection: str,
     num_subsets: int,
@@ -95,17 +118,55 @@ def _record(
     return LDSRecord(
         method=method,
         query_set=query_set,
-        lds=_percent(result.mean),
-        ci_low=_percent(result.ci_low),
-        ci_high=_percent(result.ci_high),
+        lds=_percent(result.averaged.estimate),
+        ci_low=_percent(result.seed_low),
+        ci_high=_percent(result.seed_high),
         lambda_=lambda_,
         lambda_selection=lambda_selection,
         num_subsets=num_subsets,
-        num_queries=int(result.per_query.numel()),
-        num_undefined=result.num_undefined,
+        num_queries=result.averaged.num_queries,
+        num_undefined=result.averaged.num_undefined,
         lambda_absolute=None if lambda_ is None or lambda_unit is None else lambda_ * lambda_unit,
         edge=grid_edge(lambda_, grid),
         heldout_mode=heldout_mode,
+        per_seed=tuple(_percent(value) for value in result.per_seed),
+        bias=_percent(result.averaged.bias),
+    )
+
+
+def _by_seed(losses: ArrayLike, losses_by_seed: ArrayLike | None) -> np.ndarray:
+    """R x M x Q losses: ``losses_by_seed``, or the one ``losses`` matrix as R = 1; they must agree."""
+    if losses_by_seed is None:
+        return np.asarray(losses, dtype=np.float64)[None]
+    by_seed = np.asarray(losses_by_seed, dtype=np.float64)
+    if by_seed.ndim != 3 or by_seed.shape[1:] != np.shape(losses):
+        raise ValueError(f"losses_by_seed must be R x {np.shape(losses)}, got {by_seed.shape}")
+    return by_seed
+
+
+def _scheme(num_subsets: int) -> str:
+    """Half-sampling draws M/2 distinct subsets per replicate; below MIN_SUBSETS (tests, tiny demos) that is too few
+    for a Spearman, so those fall back to the bootstrap with replacement (and the report warns)."""
+    return "half" if num_subsets >= MIN_SUBSETS else "replacement"
+
+
+def reported_lds(
+    scores: ArrayLike,
+    masks: ArrayLike,
+    losses_by_seed: ArrayLike,
+    num_resamples: int,
+    seed: int,
+    query_indices: ArrayLike | None = None,
+) -> SeedSpread:
+    """The LDS as every table reports it: point estimate, per-seed values and :data:`INTERVAL` (fractions)."""
+    return seed_spread_lds(
+        scores,
+        masks,
+        losses_by_seed,
+        num_resamples,
+        seed,
+        scheme=_scheme(len(masks)),
+        query_indices=query_indices,
     )
 
 
@@ -120,6 +181,7 @@ def evaluate_method(
     lambda_unit: float | None = None,
     heldout: str = "queries",
     members: Sequence[Mapping[str, Any]] = (),
+    losses_by_seed: ArrayLike | None = None,
 ) -> list[LDSRecord]:
     """The two LDS figures of a method, in percent: ``[heldout, oracle]``.
 
@@ -127,7 +189,10 @@ def evaluate_method(
     report half. oracle: lambda with the best LDS on all queries and subsets, LDS (+ CI) on all of them.
     A method without lambda passes ``{None: scores}``; with nothing to choose, its heldout record is simply the LDS on
     the report half, so every row of a table compares methods on the same queries (and subsets).
+    ``losses`` (M x Q) chooses lambda; ``losses_by_seed`` (R x M x Q, whose mean is ``losses``) gives the per-seed
+    values and the seed-aware interval (None: one seed).
     """
+    by_seed = _by_seed(losses, losses_by_seed)
     num_subsets, num_queries = np.shape(losses)
     halves = heldout_halves(num_queries, num_subsets, heldout, seed)
     grid = [key for key in scores_by_lambda if key is not None]
@@ -136,16 +201,17 @@ def evaluate_method(
         scores_by_lambda, selection_masks, selection_losses, halves.selection_queries
     )
     oracle_lambda = select_lambda(scores_by_lambda, masks, losses, None)
-    report_masks, report_losses = subset_rows(masks, losses, halves.report_subsets)
-    heldout_result = bootstrap_lds(
+    report_masks, _ = subset_rows(masks, losses, halves.report_subsets)
+    report_by_seed = by_seed if halves.report_subsets is None else by_seed[:, halves.report_subsets]
+    heldout_result = reported_lds(
         scores_by_lambda[heldout_lambda],
         report_masks,
-        report_losses,
+        report_by_seed,
         num_resamples,
         seed,
         halves.report_queries,
     )
-    oracle = bootstrap_lds(scores_by_lambda[oracle_lambda], masks, losses, num_resamples, seed)
+    oracle = reported_lds(scores_by_lambda[oracle_lambda], masks, by_seed, num_resamples, seed)
     member_records = tuple(dict(member) for member in members)
     records = [
         _record(
@@ -154,7 +220,7 @@ def evaluate_method(
             heldout_result,
             heldout_lambda,
             "heldout",
-            len(report_losses),
+            len(report_masks),
             lambda_unit,
             grid,
             heldout,
@@ -175,12 +241,28 @@ def paired_difference(
     num_resamples: int = 1000,
     seed: int = 0,
     query_indices: ArrayLike | None = None,
+    losses_by_seed: ArrayLike | None = None,
 ) -> PairedDifference:
-    """:func:`paired_bootstrap_difference` as a reported record (percent)."""
-    diff, ci_low, ci_high = paired_bootstrap_difference(
-        scores_a, scores_b, masks, losses, num_resamples, seed, query_indices
+    """LDS(a) - LDS(b) with the paired :data:`INTERVAL` (same queries, subsets and seeds for both), percent."""
+    spread = seed_spread_difference(
+        scores_a,
+        scores_b,
+        masks,
+        _by_seed(losses, losses_by_seed),
+        num_resamples,
+        seed,
+        scheme=_scheme(len(masks)),
+        query_indices=query_indices,
     )
-    return PairedDifference(a, b, query_set, _percent(diff), _percent(ci_low), _percent(ci_high))
+    return PairedDifference(
+        a,
+        b,
+        query_set,
+        _percent(spread.averaged.estimate),
+        _percent(spread.seed_low),
+        _percent(spread.seed_high),
+        tuple(_percent(value) for value in spread.per_seed),
+    )
 
 
 def _format_interval(value: float, low: float, high: float) -> str:
@@ -189,9 +271,11 @@ def _format_interval(value: float, low: float, high: float) -> str:
 
 def markdown_table(records: Sequence[LDSRecord], differences: Sequence[PairedDifference] = ()) -> str:
     """A markdown table of the records (LDS % with 95% CI) and, if any, one of the paired differences."""
+    several_seeds = any(len(record.per_seed) > 1 for record in records)
+    seeds_header = " per seed (%) |" if several_seeds else ""
     lines = [
-        "| method | query set | lambda selection | c (lambda) | LDS (%) [95% CI] | subsets | queries |",
-        "|---|---|---|---|---|---|---|",
+        f"| method | query set | lambda selection | c (lambda) | LDS (%) [95% CI] |{seeds_header} subsets | queries |",
+        "|---|---|---|---|---|---|---|" + ("---|" if several_seeds else ""),
     ]
     edges = []
     for record in records:
@@ -204,13 +288,15 @@ def markdown_table(records: Sequence[LDSRecord], differences: Sequence[PairedDif
         queries = f"{record.num_queries}" + (
             f" ({record.num_undefined} undefined)" if record.num_undefined else ""
         )
+        per_seed = f" {', '.join(f'{value:.2f}' for value in record.per_seed)} |" if several_seeds else ""
         lines.append(
             f"| {record.method} | {record.query_set} | {record.lambda_selection} | {lambda_text} | "
-            f"{_format_interval(record.lds, record.ci_low, record.ci_high)} | {record.num_subsets} | {queries} |"
+            f"{_format_interval(record.lds, record.ci_low, record.ci_high)} |{per_seed} {record.num_subsets} | "
+            f"{queries} |"
         )
     lines.append("")
     lines.append(
-        "c: lambda in units of trace(K)/N (das_lightning/lambdas.py)."
+        f"95% CI: {INTERVAL}. c: lambda in units of trace(K)/N (das_lightning/lambdas.py)."
         + (
             " * selection on an edge of the grid, the optimum may lie beyond (widen method.lambda_scales): "
             + "; ".join(edges)
@@ -221,11 +307,12 @@ def markdown_table(records: Sequence[LDSRecord], differences: Sequence[PairedDif
     if differences:
         lines += [
             "",
-            "| a | b | query set | LDS(a) - LDS(b) (%) [95% paired CI] |",
-            "|---|---|---|---|",
+            "| a | b | query set | LDS(a) - LDS(b) (%) [95% paired CI] | resolved |",
+            "|---|---|---|---|---|",
         ]
         lines += [
-            f"| {d.a} | {d.b} | {d.query_set} | {_format_interval(d.diff, d.ci_low, d.ci_high)} |"
+            f"| {d.a} | {d.b} | {d.query_set} | {_format_interval(d.diff, d.ci_low, d.ci_high)} | "
+            f"{'yes' if d.resolved else 'no'} |"
             for d in differences
         ]
     return "\n".join(lines) + "\n"

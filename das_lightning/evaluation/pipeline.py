@@ -29,6 +29,7 @@ from das_lightning.evaluation.ground_truth import (
     ground_truth_manifest,
     read_prediction_files,
 )
+from das_lightning.evaluation.intervals import check_subset_count
 from das_lightning.evaluation.lambda_selection import (
     HELDOUT_MODES,
     heldout_halves,
@@ -222,14 +223,12 @@ def ground_truth(
     device: CollectionDevice,
     adapter: ModelAdapter | None = None,
 ) -> np.ndarray:
-    """subsets x queries: each subset's loss on each query, averaged over its R models."""
-    losses = np.zeros((len(runs), len(queries)), dtype=np.float64)
+    """seeds x subsets x queries (R x M x Q): the loss of subset k's model of training seed r on each query. The
+    LDS uses their mean over seeds (METHOD.md §3); the intervals and the per-seed values use each seed."""
+    losses = np.zeros((len(settings.seeds), len(runs), len(queries)), dtype=np.float64)
     for k, seeds in enumerate(runs):
-        losses[k] = (
-            torch.stack([model_losses(run, queries, settings, device, adapter) for run in seeds])
-            .mean(0)
-            .numpy()
-        )
+        for r, run in enumerate(seeds):  # subset_models found one run per seed of settings.seeds, in order
+            losses[r, k] = model_losses(run, queries, settings, device, adapter).numpy()
         log.info("ground truth: subset %d of %d done for %s", k + 1, len(runs), queries.set_name)
     return losses
 
@@ -309,7 +308,9 @@ def evaluate(
     differences: list[PairedDifference] = []
     curves: dict[str, dict[str, dict[float, float]]] = {}
     for name, queries in query_sets.items():
-        losses = ground_truth(runs, queries, settings, device, adapter)  # subsets x queries
+        losses_by_seed = ground_truth(runs, queries, settings, device, adapter)  # seeds x subsets x queries
+        losses = losses_by_seed.mean(0)  # subsets x queries: the LDS's ground truth
+        check_subset_count(len(losses))  # warns (and the table says so) below the count a Spearman needs
         halves = heldout_halves(len(queries), len(losses), settings.heldout, seed=settings.bootstrap_seed)
         selection_masks, selection_losses = subset_rows(masks, losses, halves.selection_subsets)
         report_masks, report_losses = subset_rows(masks, losses, halves.report_subsets)
@@ -327,6 +328,7 @@ def evaluate(
                 lambda_unit=unit,
                 heldout=settings.heldout,
                 members=members,
+                losses_by_seed=losses_by_seed,
             )
             if None not in by_lambda:
                 curves.setdefault(name, {})[method] = lds_by_lambda(by_lambda, masks, losses)
@@ -347,6 +349,9 @@ def evaluate(
                         settings.num_resamples,
                         settings.bootstrap_seed,
                         query_indices=halves.report_queries,
+                        losses_by_seed=losses_by_seed
+                        if halves.report_subsets is None
+                        else losses_by_seed[:, halves.report_subsets],
                     )
                 )
     table = markdown_table(records, differences)
