@@ -341,6 +341,7 @@ def run_train(cfg: DictConfig) -> RunPaths:
 def run_attribute(cfg: DictConfig):
     """attribute.py: features, then scores of one method for every query set."""
     from das_lightning.attribution.ensemble import EnsembleSettings, ensemble_members
+    from das_lightning.attribution.features import draw_suffix
     from das_lightning.attribution.pipeline import attribute, validate_method
 
     method = method_settings(cfg)
@@ -349,6 +350,9 @@ def run_attribute(cfg: DictConfig):
     validate_method(method, ensemble.active)  # before the model is loaded or any feature is computed
     if ensemble.active:  # the ensemble's scores are a method of their own in the score folders and the LDS
         method = replace(method, name=ensemble.scores_name(method.name))
+    if method.features is not None and draw_suffix(method.features):
+        # other draws are other scores: their own folder (and LDS name), as their features have their own store
+        method = replace(method, name=method.name + draw_suffix(method.features))
     paths = run_paths(cfg)
     inputs = attribution_inputs(cfg, paths, method)
     members = ensemble_members(inputs, paths, ensemble, model_adapter(cfg.model)) if ensemble.active else None
