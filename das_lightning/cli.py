@@ -234,6 +234,10 @@ def run_lds(cfg: DictConfig):
 
     settings = LDSSettings(**to_plain(cfg.lds))
     settings.validate()  # a typo in lds.* is named before any artifact is looked for
+    if cfg.get("plan"):
+        return run_lds_plan(cfg, settings)
+    if cfg.get("bundle") is not None:  # an LDS against a bundle: nothing trained, loaded or measured
+        return run_bundle_lds(cfg)
     paths = run_paths(cfg)
     train_set = dataset_from_config(cfg, split="train")
     query_sets = build_query_sets(query_settings(cfg), dataset_from_config(cfg, split="test"), paths)
@@ -255,6 +259,8 @@ def run_lds(cfg: DictConfig):
     if is_global_zero():
         print(report.table)
         print(f"\nwritten: {paths.lds_results_dir}/lds.json, lds.md, lds_vs_lambda_*.png")
+    if cfg.get("export_bundle") is not None and is_global_zero():
+        export_lds_bundle(cfg, paths, train_set, query_sets, settings, report)
     return report
 
 
@@ -320,6 +326,8 @@ def run_train(cfg: DictConfig) -> RunPaths:
 
     subset = subset_settings(cfg)
     subset.validate()  # refuse a bad subset before loading anything
+    if cfg.get("plan"):
+        return run_train_plan(cfg, subset)
     paths = train_model(
         paths=run_paths(cfg),
         unet_factory=lambda: hydra.utils.instantiate(cfg.model.unet),
@@ -353,6 +361,10 @@ def run_attribute(cfg: DictConfig):
     if method.features is not None and draw_suffix(method.features):
         # other draws are other scores: their own folder (and LDS name), as their features have their own store
         method = replace(method, name=method.name + draw_suffix(method.features))
+    if cfg.get("plan"):
+        return run_attribute_plan(cfg, method)
+    if cfg.get("bundle") is not None:  # a bundle's model and queries: nothing trained or generated here
+        return run_bundle_attribute(cfg, method, ensemble.active)
     paths = run_paths(cfg)
     inputs = attribution_inputs(cfg, paths, method)
     members = ensemble_members(inputs, paths, ensemble, model_adapter(cfg.model)) if ensemble.active else None
@@ -367,4 +379,174 @@ def run_attribute(cfg: DictConfig):
             chosen = result.chosen[query_set]
             picked = "" if chosen is None else f" (pictures at c = {chosen.scale:g}, from {chosen.source})"
             print(f"  {query_set}: {folder}/scores.npy, topk.json, grid.png{picked}")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ plan=true
+
+
+def plan_inputs(cfg: DictConfig, features=None):
+    """(training set size, query set sizes, network figures or None, free resources) for a plan, from the config:
+    nothing is loaded, computed or written (das_lightning/plan.py)."""
+    import hydra
+
+    from das_lightning import plan
+    from das_lightning.data.registry import DATASETS
+    from das_lightning.models.adapters import PretrainedAdapter
+
+    resources = plan.machine_resources(Path(cfg.paths.root), str(cfg.trainer.accelerator))
+    registry = DATASETS.get(str(cfg.dataset.name))
+    fallback = cfg.dataset.get("num_train") or (registry.num_train if registry else None)
+    num_train = plan.dataset_size(
+        lambda: dataset_from_config(cfg, split="train"), fallback, str(cfg.dataset.name)
+    )
+    queries = to_plain(cfg.queries) if cfg.get("queries") else {"sets": []}
+    counts = {"val": queries.get("num_val"), "generated": queries.get("num_generated")}
+    query_sizes = {name: counts.get(name) for name in queries["sets"]}  # files: counted when read
+    adapter = model_adapter(cfg.model) if cfg.model.get("adapter") is not None else None
+    if isinstance(adapter, PretrainedAdapter):
+        from diffusers import UNet2DModel
+
+        factory = lambda: UNet2DModel.from_config(adapter.unet_config())  # noqa: E731
+    elif cfg.model.get("unet") is not None and cfg.model.get("module_class") is None:
+        factory = lambda: hydra.utils.instantiate(cfg.model.unet)  # noqa: E731
+    else:  # a network built around a pretrained pipeline (LoRA, latent): not without its weights
+        factory = None
+    image_shape = (int(cfg.dataset.channels), int(cfg.dataset.image_size), int(cfg.dataset.image_size))
+    network = (
+        None
+        if factory is None
+        else plan.network_figures(factory, features, image_shape, resources.free_memory)
+    )
+    return num_train, query_sizes, network, resources
+
+
+def run_attribute_plan(cfg: DictConfig, method):
+    """attribute.py plan=true: print what the stage would compute and store, and exit."""
+    from das_lightning.plan import attribute_plan
+
+    num_train, query_sizes, network, resources = plan_inputs(cfg, method.features)
+    device = f"{cfg.trainer.accelerator} x {cfg.trainer.devices}"
+    result = attribute_plan(method, num_train, query_sizes, run_paths(cfg), network, resources, device)
+    print(result)
+    return result
+
+
+def run_lds_plan(cfg: DictConfig, settings):
+    """evaluate_lds.py plan=true: subset models, ground-truth passes, caches; nothing is looked for or written."""
+    from das_lightning.manifest import read_manifest
+    from das_lightning.plan import evaluate_plan
+
+    num_train, query_sizes, _, resources = plan_inputs(cfg)
+    paths = run_paths(cfg)
+    methods = {}
+    # rows of each method's scores.npy, from its manifest (a small JSON) when it exists
+    for method in map(str, cfg.methods):
+        folders = [paths.scores_dir / method / name for name in query_sizes]
+        manifest = next((read_manifest(f) for f in folders if (f / "manifest.json").exists()), None)
+        methods[method] = None if manifest is None else len(manifest.get("lambda_scales") or [None])
+    train = cfg.get("train")
+    result = evaluate_plan(
+        settings.num_subsets,
+        settings.seeds,
+        settings.timesteps,
+        settings.e_seeds,
+        settings.pair_batch_size,
+        methods,
+        num_train,
+        query_sizes,
+        paths,
+        resources,
+        train_steps=int(train.max_steps) if train is not None else None,
+    )
+    print(result)
+    return result
+
+
+def run_train_plan(cfg: DictConfig, subset: SubsetSettings):
+    """train.py plan=true: the model, its steps and files, and the LDS's subset models when the config has them."""
+    from das_lightning.plan import train_plan
+
+    num_train, _, network, resources = plan_inputs(cfg)
+    size = num_train.count
+    if size is not None and subset.kind == "lds":
+        size = int(round(subset.alpha * size))
+    lds = cfg.get("lds")
+    train = to_plain(cfg.train)
+    result = train_plan(
+        network,
+        run_paths(cfg).tag,
+        size,
+        int(train["max_steps"]),
+        int(train["batch_size"]),
+        int(train.get("snapshot_every_n_steps") or 0),
+        train["optimizer"].get("ema_decay") is not None,
+        int(cfg.generate.num_images) if subset.kind == "full" else 0,
+        (int(lds.num_subsets), len(lds.seeds)) if lds is not None else None,
+        run_paths(cfg),
+        resources,
+    )
+    print(result)
+    return result
+
+
+# ------------------------------------------------------------------------------------------- LDS bundles
+
+
+def run_bundle_lds(cfg: DictConfig):
+    """evaluate_lds.py bundle=PATH [scores=FILE]: your scores against a bundle, or without scores the bundle's
+    recorded table recomputed from its files."""
+    from das_lightning.evaluation.bundle import evaluate_scores, load_bundle, reproduce_recorded
+
+    bundle = load_bundle(Path(cfg.bundle))
+    if cfg.get("scores") is None:
+        report = reproduce_recorded(bundle)
+    else:
+        scores = Path(cfg.scores)
+        report = evaluate_scores(bundle, scores, name=scores.stem)
+    print(report.table)
+    return report
+
+
+def export_lds_bundle(cfg: DictConfig, paths: RunPaths, train_set, query_sets, settings, report) -> Path:
+    """evaluate_lds.py export_bundle=PATH: the bundle of the LDS just reported."""
+    from das_lightning.evaluation.bundle import export_bundle
+
+    target = export_bundle(
+        Path(cfg.export_bundle),
+        paths,
+        train_set,
+        query_sets,
+        settings,
+        report,
+        to_plain(cfg.dataset),
+        dataset_from_config(cfg, split="test"),
+        collection_device(cfg),
+        model_adapter(cfg.model),
+    )
+    print(f"bundle: {target}")
+    return target
+
+
+def run_bundle_attribute(cfg: DictConfig, method, ensemble: bool):
+    """attribute.py bundle=PATH method=...: scores against a bundle's model and queries, under paths.root."""
+    from das_lightning.attribution.pipeline import attribute
+    from das_lightning.evaluation.bundle import bundle_attribution
+
+    if ensemble:
+        raise UserError("an ensemble needs several trained models and a bundle carries one; drop ensemble.*")
+    data = to_plain(cfg.dataset)
+    paths, inputs = bundle_attribution(
+        Path(cfg.bundle), Path(cfg.paths.root), method, data.get("root"), bool(data.get("download", False))
+    )
+    logger = make_logger(cfg, paths.scores_dir, name=f"attribute/{method.name}", job_type="attribute")
+    try:
+        result = attribute(inputs, method, collection_device(cfg), logger)
+    finally:
+        close_logger(logger)
+    if is_global_zero():
+        for query_set, folder in result.folders.items():
+            print(f"method {result.method}, {query_set}: {folder}/scores.npy")
+        scores = paths.scores_dir / method.name
+        print(f"evaluate them with: python evaluate_lds.py bundle={cfg.bundle} scores={scores}")
     return result
