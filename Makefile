@@ -39,7 +39,7 @@ demo: $(STAMP)
 	for method in das dtrak pixel; do $(BIN)/python attribute.py $(DEMO) method=$$method || exit 1; done
 	$(BIN)/python evaluate_lds.py $(DEMO)
 	$(BIN)/python attribute.py $(DEMO) method=das
-	@echo "DAS grids at the selected c: outputs/fashion2/tiny/full/seed0/scores/das/{val,generated}/grid.png"
+	@echo "DAS grids at the selected c: outputs/demo/fashion2/tiny/full/seed0/scores/das/{val,generated}/grid.png"
 	@echo "This LDS is a demonstration on 8 subset models; the measurement is make bench-lds (docs/benchmarks.md)"
 
 test: $(STAMP)
