@@ -63,7 +63,9 @@ def build_logger(
             job_type=job_type,
         )
         # Lightning passes wandb.init an "anonymous" key that wandb no longer reads and warns about on every run
-        getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+        init_arguments = getattr(logger, "_wandb_init", None)
+        if isinstance(init_arguments, dict):
+            init_arguments.pop("anonymous", None)
         return logger
     raise ConfigError(f"unknown logger kind {settings.kind!r}; choose wandb, csv or none")
 

@@ -220,13 +220,20 @@ def test_factors_are_reused_resumed_and_refused_for_other_settings(tmp_path: Pat
         {"measurement": "nope"},
         {"ekfac_strategy": "nope"},
         {"ekfac_fisher": "nope"},
-        {"screen_by": "pixel"},
     ],
 )
 def test_bad_settings_are_refused_when_the_method_is_built(change: dict) -> None:
     with pytest.raises(ConfigError) as refused:
         build_method(ekfac_settings(**change))
     assert next(iter(change)) in str(refused.value)
+
+
+def test_screening_is_not_an_ekfac_setting() -> None:
+    """EK-FAC scores every training image: its settings class has no screen_by, so the YAML key is refused by name."""
+    from das_lightning.attribution.methods import method_settings
+
+    with pytest.raises(ConfigError, match="has no setting method.screen_by"):
+        method_settings({"name": "ekfac", "kind": "ekfac", "screen_by": "pixel"})
 
 
 def test_several_processes_are_refused() -> None:
@@ -238,10 +245,15 @@ def test_several_processes_are_refused() -> None:
 
 @pytest.mark.parametrize(
     ("method", "measurement", "square"),
-    [("ekfac", "loss", False), ("ekfac_das", "mean", True), ("ekfac_squared", "loss", True)],
+    [
+        ("ekfac", "loss", "linear"),
+        ("ekfac_das", "mean", "square"),
+        ("ekfac_squared", "loss", "square"),
+        ("ekfac_signed_square", "loss", "signed_square"),
+    ],
 )
 def test_method_yamls_compose_into_valid_ekfac_settings(
-    tmp_path: Path, method: str, measurement: str, square: bool
+    tmp_path: Path, method: str, measurement: str, square: str
 ) -> None:
     from das_lightning import cli
 

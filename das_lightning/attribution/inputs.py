@@ -14,6 +14,13 @@ from das_lightning.paths import RunPaths
 from das_lightning.selection import lds_json_path
 
 
+def check_model_fits(adapter: ModelAdapter, train_set: ImageDataset) -> None:
+    """A pretrained network whose channels or resolution do not fit the data is refused before anything else is
+    looked for (a model trained here was made for its data: its run manifest is checked when it is loaded)."""
+    if isinstance(adapter, PretrainedAdapter):
+        adapter.check_fits(train_set.channels, train_set.image_size)
+
+
 def load_attribution_inputs(
     paths: RunPaths,
     adapter: ModelAdapter,
@@ -24,8 +31,8 @@ def load_attribution_inputs(
 ) -> AttributionInputs:
     """The model of ``paths`` (or the pretrained one of ``adapter``) with the sets to attribute, refusing a model
     trained on another training set or one that does not fit the data."""
+    check_model_fits(adapter, train_set)
     if isinstance(adapter, PretrainedAdapter):  # trained elsewhere: the user names its training set
-        adapter.check_fits(train_set.channels, train_set.image_size)
         model = adapter.load()
     else:
         model = load_finished(paths, adapter)

@@ -119,8 +119,9 @@ def _record(
         method=method,
         query_set=query_set,
         lds=_percent(result.averaged.estimate),
-        ci_low=_percent(result.seed_low),
-        ci_high=_percent(result.seed_high),
+        # the bias correction shifts the interval; a mean Spearman stays within [-100, 100]
+        ci_low=max(-100.0, _percent(result.seed_low)),
+        ci_high=min(100.0, _percent(result.seed_high)),
         lambda_=lambda_,
         lambda_selection=lambda_selection,
         num_subsets=num_subsets,
@@ -259,8 +260,8 @@ def paired_difference(
         b,
         query_set,
         _percent(spread.averaged.estimate),
-        _percent(spread.seed_low),
-        _percent(spread.seed_high),
+        max(-200.0, _percent(spread.seed_low)),
+        min(200.0, _percent(spread.seed_high)),
         tuple(_percent(value) for value in spread.per_seed),
     )
 
