@@ -238,6 +238,8 @@ def run_lds(cfg: DictConfig):
     settings.validate()  # a typo in lds.* is named before any artifact is looked for
     if cfg.get("plan"):
         return run_lds_plan(cfg, settings)
+    if cfg.get("bundle") is not None:  # an LDS against a bundle: nothing trained, loaded or measured
+        return run_bundle_lds(cfg)
     paths = run_paths(cfg)
     train_set = dataset_from_config(cfg, split="train")
     query_sets = build_query_sets(query_settings(cfg), dataset_from_config(cfg, split="test"), paths)
@@ -259,6 +261,8 @@ def run_lds(cfg: DictConfig):
     if is_global_zero():
         print(report.table)
         print(f"\nwritten: {paths.lds_results_dir}/lds.json, lds.md, lds_vs_lambda_*.png")
+    if cfg.get("export_bundle") is not None and is_global_zero():
+        export_lds_bundle(cfg, paths, train_set, query_sets, settings, report)
     return report
 
 
@@ -361,6 +365,8 @@ def run_attribute(cfg: DictConfig):
     if method.features is not None and draw_suffix(method.features):
         # other draws are other scores: their own folder (and LDS name), as their features have their own store
         method = replace(method, name=method.name + draw_suffix(method.features))
+    if cfg.get("bundle") is not None:  # a bundle's model and queries: nothing trained or generated here
+        return run_bundle_attribute(cfg, method, ensemble.active)
     paths = run_paths(cfg)
     inputs = attribution_inputs(cfg, paths, method)
     members = ensemble_members(inputs, paths, ensemble, model_adapter(cfg.model)) if ensemble.active else None
@@ -483,4 +489,65 @@ def run_train_plan(cfg: DictConfig, subset: SubsetSettings):
         resources,
     )
     print(result)
+    return result
+
+
+# ------------------------------------------------------------------------------------------- LDS bundles
+
+
+def run_bundle_lds(cfg: DictConfig):
+    """evaluate_lds.py bundle=PATH [scores=FILE]: your scores against a bundle, or without scores the bundle's
+    recorded table recomputed from its files."""
+    from das_lightning.evaluation.bundle import evaluate_scores, load_bundle, reproduce_recorded
+
+    bundle = load_bundle(Path(cfg.bundle))
+    if cfg.get("scores") is None:
+        report = reproduce_recorded(bundle)
+    else:  # named after the file (or score folder), marked "(yours)" if the bundle records that name
+        report = evaluate_scores(bundle, Path(cfg.scores))
+    print(report.table)
+    return report
+
+
+def export_lds_bundle(cfg: DictConfig, paths: RunPaths, train_set, query_sets, settings, report) -> Path:
+    """evaluate_lds.py export_bundle=PATH: the bundle of the LDS just reported."""
+    from das_lightning.evaluation.bundle import export_bundle
+
+    target = export_bundle(
+        Path(cfg.export_bundle),
+        paths,
+        train_set,
+        query_sets,
+        settings,
+        report,
+        to_plain(cfg.dataset),
+        dataset_from_config(cfg, split="test"),
+        collection_device(cfg),
+        model_adapter(cfg.model),
+    )
+    print(f"bundle: {target}")
+    return target
+
+
+def run_bundle_attribute(cfg: DictConfig, method, ensemble: bool):
+    """attribute.py bundle=PATH method=...: scores against a bundle's model and queries, under paths.root."""
+    from das_lightning.attribution.pipeline import attribute
+    from das_lightning.evaluation.bundle import bundle_attribution
+
+    if ensemble:
+        raise UserError("an ensemble needs several trained models and a bundle carries one; drop ensemble.*")
+    data = to_plain(cfg.dataset)
+    paths, inputs = bundle_attribution(
+        Path(cfg.bundle), Path(cfg.paths.root), method, data.get("root"), bool(data.get("download", False))
+    )
+    logger = make_logger(cfg, paths.scores_dir, name=f"attribute/{method.name}", job_type="attribute")
+    try:
+        result = attribute(inputs, method, collection_device(cfg), logger)
+    finally:
+        close_logger(logger)
+    if is_global_zero():
+        for query_set, folder in result.folders.items():
+            print(f"method {result.method}, {query_set}: {folder}/scores.npy")
+        scores = paths.scores_dir / method.name
+        print(f"evaluate them with: python evaluate_lds.py bundle={cfg.bundle} scores={scores}")
     return result
