@@ -360,11 +360,11 @@ def run_attribute(cfg: DictConfig):
     validate_method(method, ensemble.active)  # before the model is loaded or any feature is computed
     if ensemble.active:  # the ensemble's scores are a method of their own in the score folders and the LDS
         method = replace(method, name=ensemble.scores_name(method.name))
-    if cfg.get("plan"):
-        return run_attribute_plan(cfg, method)
     if method.features is not None and draw_suffix(method.features):
         # other draws are other scores: their own folder (and LDS name), as their features have their own store
         method = replace(method, name=method.name + draw_suffix(method.features))
+    if cfg.get("plan"):
+        return run_attribute_plan(cfg, method)
     if cfg.get("bundle") is not None:  # a bundle's model and queries: nothing trained or generated here
         return run_bundle_attribute(cfg, method, ensemble.active)
     paths = run_paths(cfg)
