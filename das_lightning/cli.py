@@ -27,6 +27,7 @@ from das_lightning.training import (
     GenerationSettings,
     SubsetSettings,
     TrainerSettings,
+    TrainingRecipe,
     TrainSettings,
 )
 
@@ -198,7 +199,9 @@ def attribution_inputs(cfg: DictConfig, paths: RunPaths, method):
     from das_lightning.queries import build_query_sets
 
     adapter, train_set = model_adapter(cfg.model), dataset_from_config(cfg, split="train")
-    check_model_fits(adapter, train_set)  # before the query sets, which may need this model's generated images
+    check_model_fits(
+        adapter, train_set
+    )  # before the query sets, which may need this model's generated images
     return load_attribution_inputs(
         paths,
         adapter,
@@ -270,41 +273,20 @@ def run_counterfactual(cfg: DictConfig) -> None:
     """evaluate_lds.py mode=counterfactual: retrain without top-k proponents with the full model's own recipe."""
     import json
 
-    import hydra
     from omegaconf import OmegaConf
 
     from das_lightning.artifacts import require_trained_on
     from das_lightning.evaluation.counterfactual import CounterfactualSettings, counterfactual
-    from das_lightning.training import train_model
 
     paths = run_paths(cfg)
     train_set = dataset_from_config(cfg, split="train")
     require_trained_on(paths, train_set)
-    recipe = OmegaConf.create(
-        json.loads((paths.run_dir / "config.json").read_text())
-    )  # the full model's config
-
-    def retrain(run: RunPaths, subset: SubsetSettings) -> RunPaths:
-        return train_model(
-            paths=run,
-            unet_factory=lambda: hydra.utils.instantiate(recipe.model.unet),
-            train_set=train_set,
-            subset=subset,
-            seed=int(recipe.seed),
-            train=train_settings(recipe),
-            trainer_settings=trainer_settings(cfg),
-            logger_settings=logger_settings(cfg),
-            generation=generation_settings(recipe, enabled=False),
-            config=to_plain(recipe),
-            **module_settings(recipe.model),
-        )
-
+    # the full model's own config: the retrainings follow its recipe, placed by this run's trainer and logger
+    recipe = OmegaConf.create(json.loads((paths.run_dir / "config.json").read_text()))
     result = counterfactual(
         paths,
-        train_set,
         CounterfactualSettings(**to_plain(cfg.counterfactual)),
-        retrain,
-        model_adapter(recipe.model),
+        training_recipe(recipe, cfg, train_set),
     )
     print(
         f"counterfactual ({result.method}): median pixel L2 after removing top proponents "
@@ -320,29 +302,35 @@ def run_counterfactual(cfg: DictConfig) -> None:
         )
 
 
-def run_train(cfg: DictConfig) -> RunPaths:
-    """train.py: train (or resume, or reuse) one model and generate its queries."""
+def training_recipe(recipe: DictConfig, cfg: DictConfig, train_set) -> TrainingRecipe:
+    """The typed recipe of a run's composed config ``recipe`` (the full model's, for retrainings), on the trainer and
+    logger of ``cfg`` (this command's)."""
     import hydra
 
-    from das_lightning.training import train_model
+    return TrainingRecipe(
+        unet_factory=lambda: hydra.utils.instantiate(recipe.model.unet),
+        train_set=train_set,
+        seed=int(recipe.seed),
+        train=train_settings(recipe),
+        trainer_settings=trainer_settings(cfg),
+        logger_settings=logger_settings(cfg),
+        config=to_plain(recipe),
+        **module_settings(recipe.model),
+    )
 
+
+def run_train(cfg: DictConfig) -> RunPaths:
+    """train.py: train (or resume, or reuse) one model and generate its queries."""
     subset = subset_settings(cfg)
     subset.validate()  # refuse a bad subset before loading anything
     if cfg.get("plan"):
         return run_train_plan(cfg, subset)
-    paths = train_model(
-        paths=run_paths(cfg),
-        unet_factory=lambda: hydra.utils.instantiate(cfg.model.unet),
-        train_set=dataset_from_config(cfg, split="train"),
-        subset=subset,
-        seed=int(cfg.seed),
-        train=train_settings(cfg),
-        trainer_settings=trainer_settings(cfg),
-        logger_settings=logger_settings(cfg),
-        generation=generation_settings(cfg, enabled=subset.kind == "full"),
-        config=to_plain(cfg),
+    recipe = training_recipe(cfg, cfg, dataset_from_config(cfg, split="train"))
+    paths = recipe.run(
+        run_paths(cfg),
+        subset,
+        generation_settings(cfg, enabled=subset.kind == "full"),
         resume_from=cfg.resume_from,
-        **module_settings(cfg.model),
     )
     print(f"model: {paths.unet_dir}")
     return paths

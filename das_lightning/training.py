@@ -293,6 +293,48 @@ def train_model(
     return paths
 
 
+@dataclass
+class TrainingRecipe:
+    """How the models of one experiment are trained: what the full model, its subset models and the
+    counterfactual's retrainings share (the full model's recipe is its config.json; see cli.training_recipe)."""
+
+    unet_factory: Callable[[], torch.nn.Module]
+    train_set: ImageDataset
+    seed: int
+    train: TrainSettings
+    trainer_settings: TrainerSettings
+    logger_settings: LoggerSettings
+    config: dict[str, Any]
+    module_class: type[DiffusionModule] = DiffusionModule
+    module_kwargs: dict[str, Any] | None = None
+    adapter: ModelAdapter | None = None
+
+    def run(
+        self,
+        paths: RunPaths,
+        subset: SubsetSettings,
+        generation: GenerationSettings | None = None,
+        resume_from: Path | None = None,
+    ) -> RunPaths:
+        """Train (or resume, or reuse) the model of ``subset`` at ``paths`` with this recipe."""
+        return train_model(
+            paths=paths,
+            unet_factory=self.unet_factory,
+            train_set=self.train_set,
+            subset=subset,
+            seed=self.seed,
+            train=self.train,
+            trainer_settings=self.trainer_settings,
+            logger_settings=self.logger_settings,
+            generation=generation or GenerationSettings(),
+            config=self.config,
+            resume_from=resume_from,
+            module_class=self.module_class,
+            module_kwargs=self.module_kwargs,
+            adapter=self.adapter,
+        )
+
+
 def _fit(
     paths: RunPaths,
     unet: torch.nn.Module,

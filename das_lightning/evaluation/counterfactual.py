@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,6 @@ import torch
 from das_lightning.artifacts import load_finished, load_generated_queries, stored_sampler
 from das_lightning.attribution.pipeline import load_scores, scores_at
 from das_lightning.clip import clip_image_embeddings, load_local_clip
-from das_lightning.data import ImageDataset
 from das_lightning.lambdas import DEFAULT_LAMBDA_SCALE
 from das_lightning.manifest import atomic_write_text
 from das_lightning.models.adapters import ModelAdapter
@@ -24,7 +22,7 @@ from das_lightning.models.sampling import ddim_sample
 from das_lightning.paths import RunPaths
 from das_lightning.seeding import derive_seed
 from das_lightning.selection import choose_scale, lds_json_path
-from das_lightning.training import SubsetSettings
+from das_lightning.training import SubsetSettings, TrainingRecipe
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +63,12 @@ def removal_sets(
 
 
 def counterfactual(
-    paths: RunPaths,
-    train_set: ImageDataset,
-    settings: CounterfactualSettings,
-    retrain: Callable[[RunPaths, SubsetSettings], RunPaths],
-    adapter: ModelAdapter | None = None,
+    paths: RunPaths, settings: CounterfactualSettings, recipe: TrainingRecipe
 ) -> CounterfactualResult:
-    """Retrain without each query's top-k (and k random) images; pixel L2 between old and new image j.
-
-    ``adapter`` loads the retrained models for regeneration (default: pixel DDPM; see ``model.adapter``)."""
+    """Retrain without each query's top-k (and k random) images with the full model's ``recipe`` (its training
+    set, seed and settings); pixel L2 between old and new image j. The recipe's adapter loads the retrained models
+    for regeneration (default: pixel DDPM; see ``model.adapter``)."""
+    train_set = recipe.train_set
     folder = paths.scores_dir / settings.method / "generated"
     stacked, manifest = load_scores(folder)
     # the lambda the LDS selected (held-out) for this method, else the method's own default c
@@ -84,7 +79,7 @@ def counterfactual(
         log.info("counterfactual: top-k of %s at c = %g (%s)", settings.method, chosen.scale, chosen.source)
     scores = scores_at(stacked, manifest, None if chosen is None else chosen.scale)
     originals, _, _ = load_generated_queries(paths)
-    adapter = adapter or ModelAdapter()
+    adapter = recipe.adapter or ModelAdapter()
     sampler = stored_sampler(paths)
     count = min(settings.num_queries, len(scores))
     removals = removal_sets(scores, count, settings.remove_top, len(train_set))
@@ -97,7 +92,7 @@ def counterfactual(
                 f"cf-{settings.method if variant == 'top' else 'random'}-q{query}", paths.seed
             )
             # same seed as the full model: the removed images are the only difference
-            retrain(run, SubsetSettings(kind="custom", indices=keep.tolist(), seed_tag=paths.tag))
+            recipe.run(run, SubsetSettings(kind="custom", indices=keep.tolist(), seed_tag=paths.tag))
             regenerated = ddim_sample(load_finished(run, adapter), 1, sampler, first_index=query).images[0]
             distances[variant].append(float(torch.linalg.vector_norm(regenerated - originals[query])))
             regenerated_images[variant].append(regenerated)
