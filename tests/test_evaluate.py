@@ -88,6 +88,24 @@ def test_lds_json_has_every_method_set_and_selection(lds_root: Path) -> None:
     assert (lds_root / "fashion2" / "tiny" / "lds" / "full-seed0" / "lds_vs_lambda_val.png").exists()
 
 
+def test_snr_lds_is_an_option_reported_apart_from_the_lds(lds_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "snr"
+    shutil.copytree(lds_root, root)
+    report = _evaluate(root, "lds.snr_zeta=3")
+    document = json.loads((root / "fashion2" / "tiny" / "lds" / "full-seed0" / "lds.json").read_text())
+    rows = document["meta"]["snr_lds"]
+    assert {(row["method"], row["query_set"]) for row in rows} == {
+        (m, q) for m in ("das", "pixel") for q in ("val", "generated")
+    }
+    for row in rows:  # every query is accounted for: valid, failed fit, empty selection or undefined
+        assert "not comparable with the LDS" in row["label"] and row["zeta"] == 3
+        assert row["num_valid"] + row["num_fit_failed"] + row["num_empty"] + row["num_undefined"] == 6
+    # its own table under its label, after the LDS tables; the LDS records are the same as without it
+    assert "not comparable with the LDS" in report.table.split("| a | b |")[-1]
+    plain = _evaluate(root)
+    assert [r.to_json() for r in plain.records] == [r.to_json() for r in report.records] and not plain.snr
+
+
 def test_ground_truth_is_cached_per_model(lds_root: Path) -> None:
     _evaluate(lds_root)
     caches = sorted((lds_root / "fashion2" / "tiny" / "lds" / "ground_truth").rglob("losses.safetensors"))

@@ -319,6 +319,26 @@ def markdown_table(records: Sequence[LDSRecord], differences: Sequence[PairedDif
     return "\n".join(lines) + "\n"
 
 
+def snr_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """SNR-LDS rows (``lds.snr_zeta``) as their own table, titled with its label: never an LDS column."""
+    if not rows:
+        return ""
+    lines = [
+        "",
+        f"{rows[0]['label']}, zeta = {rows[0]['zeta']:g}:",
+        "",
+        "| method | query set | SNR-LDS (%) | LDS on the same queries (%) | valid | fit failed | empty | rows kept (median) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {row['method']} | {row['query_set']} | {row['snr_lds']:.2f} | {row['full_lds_on_valid']:.2f} | "
+        f"{row['num_valid']} of {row['num_queries']} | {row['num_fit_failed']} | {row['num_empty']} | "
+        f"{row['median_rows_kept']:g} |"
+        for row in rows
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def plot_lds_vs_lambda(
     curves: Mapping[str, Mapping[float, float]], path: Path, selected: Mapping[str, float] | None = None
 ) -> None:

@@ -44,7 +44,9 @@ from das_lightning.evaluation.lds_report import (
     markdown_table,
     paired_difference,
     plot_lds_vs_lambda,
+    snr_table,
 )
+from das_lightning.evaluation.snr_lds import snr_lds
 from das_lightning.manifest import (
     CorruptArtifactError,
     ManifestMismatchError,
@@ -73,6 +75,9 @@ class LDSSettings:
     num_resamples: int = 1000
     bootstrap_seed: int = 0
     heldout: str = "queries"  # queries | queries_and_subsets (see evaluation.lambda_selection.HeldoutHalves)
+    snr_zeta: float | None = (
+        None  # also report SNR-LDS (evaluation/snr_lds.py) at this zeta; NOT comparable with the LDS
+    )
 
     @property
     def timesteps(self) -> list[int]:
@@ -98,6 +103,8 @@ class LDSSettings:
             raise ConfigError(
                 f"lds.timestep_stride must be in [1, {NUM_TRAIN_TIMESTEPS}], got {self.timestep_stride}"
             )
+        if self.snr_zeta is not None and float(self.snr_zeta) <= 0:
+            raise ConfigError(f"lds.snr_zeta must be positive (the paper's is 3), got {self.snr_zeta}")
         for key in ("query_batch_size", "pair_batch_size", "num_resamples"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"lds.{key} must be a positive integer, got {getattr(self, key)}")
@@ -280,6 +287,7 @@ class LDSReport:
     differences: list[PairedDifference]
     curves: dict[str, dict[str, dict[float, float]]]
     table: str
+    snr: list[dict[str, Any]] = field(default_factory=list)  # SNR-LDS rows (lds.snr_zeta), apart from the LDS
 
 
 def evaluate(
@@ -307,6 +315,7 @@ def evaluate(
     records: list[LDSRecord] = []
     differences: list[PairedDifference] = []
     curves: dict[str, dict[str, dict[float, float]]] = {}
+    snr: list[dict[str, Any]] = []
     for name, queries in query_sets.items():
         losses_by_seed = ground_truth(runs, queries, settings, device, adapter)  # seeds x subsets x queries
         losses = losses_by_seed.mean(0)  # subsets x queries: the LDS's ground truth
@@ -334,6 +343,10 @@ def evaluate(
                 curves.setdefault(name, {})[method] = lds_by_lambda(by_lambda, masks, losses)
             selected = select_lambda(by_lambda, selection_masks, selection_losses, halves.selection_queries)
             chosen[method] = by_lambda[selected]
+        if settings.snr_zeta is not None:  # each method at its held-out c, on every query and subset
+            for method in methods:
+                result = snr_lds(chosen[method], masks, losses, zeta=float(settings.snr_zeta))
+                snr.append({"method": method, "query_set": name, **result.summary()})
         for a, b in pairs:
             if a in chosen and b in chosen:
                 # each method at its held-out lambda, compared on the report half (queries, and subsets)
@@ -354,9 +367,9 @@ def evaluate(
                         else losses_by_seed[:, halves.report_subsets],
                     )
                 )
-    table = markdown_table(records, differences)
+    table = markdown_table(records, differences) + snr_table(snr)
     if not is_global_zero():  # under DDP every rank computed the same report; one writes it
-        return LDSReport(records, differences, curves, table)
+        return LDSReport(records, differences, curves, table, snr)
     out = paths.lds_results_dir
     write_lds_json(
         lds_json_path(paths),
@@ -371,6 +384,7 @@ def evaluate(
             "train_set": train_set.set_name,
             "heldout": settings.heldout,
             "seed_rule": SEED_RULE,
+            **({"snr_lds": snr} if snr else {}),
         },
     )
     atomic_write_text(out / "lds.md", table + "\n")
@@ -382,7 +396,7 @@ def evaluate(
         }
         plot_lds_vs_lambda(by_method, out / f"lds_vs_lambda_{name}.png", selected)
     _log(logger, records, out, curves)
-    return LDSReport(records, differences, curves, table)
+    return LDSReport(records, differences, curves, table, snr)
 
 
 def _log(logger: Any, records: list[LDSRecord], out: Path, curves: dict) -> None:
