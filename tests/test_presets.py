@@ -130,3 +130,16 @@ def test_the_paper_presets_follow_the_data_they_are_trained_on(tmp_path) -> None
     )
     model = _build_meta(cfg.model.unet)
     assert (model.config.sample_size, model.config.in_channels, model.config.out_channels) == (16, 1, 1)
+
+
+@pytest.mark.parametrize("preset", ["cifar", "celeba", "cifar_das"])
+def test_the_benchmarks_build_by_name_the_network_the_config_builds(preset: str, tmp_path) -> None:
+    """benchmarks/features.py and gpu_check.py build the paper networks by name (models.unet.UNET_PRESETS)."""
+    from das_lightning.models.unet import build_unet
+
+    cfg = compose(
+        "train", [f"model={preset}", "dataset.channels=3", "dataset.image_size=32", f"paths.root={tmp_path}"]
+    )
+    with torch.device("meta"):
+        by_name = build_unet(preset, sample_size=32, channels=3)
+    assert _plain(by_name.config) == _plain(_build_meta(cfg.model.unet).config)

@@ -1,5 +1,5 @@
-"""UNet presets: the tiny CPU model, a ~1M-parameter 32x32 model for benchmarks, and the paper's CIFAR and
-CelebA UNets (METHOD.md §4). One registry, so configs, tests and benchmarks build the same networks."""
+"""UNet presets by name: the tiny CPU model, a ~1M-parameter 32x32 model for benchmarks, and the paper's CIFAR,
+CelebA and DAS-CIFAR-2 UNets (METHOD.md §4; the YAMLs of conf/model/ name their published sources)."""
 
 from __future__ import annotations
 
@@ -28,18 +28,38 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
         norm_num_groups=16,
         attention_head_dim=16,
     ),
-    # the DDPM CIFAR-10 UNet used by D-TRAK and DAS (35.7M parameters at 32x32)
+    # the paper networks, key for key as conf/model/{cifar,celeba,cifar_das}.yaml (their sources are named there;
+    # tests/test_presets.py checks that both build the same network) for the benchmarks that build by name
+    # D-TRAK's CIFAR10/config.json: 35,746,307 parameters at 32x32
     "cifar": dict(
         block_out_channels=(128, 256, 256, 256),
         layers_per_block=2,
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        dropout=0.1,
+        attention_head_dim=None,
+        downsample_padding=0,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        norm_eps=1e-6,
+        dropout=0.0,
+    ),
+    # D-TRAK's CelebA/config.json: 113,673,219 parameters at 64x64
+    "celeba": dict(
+        block_out_channels=(128, 128, 256, 256, 512, 512),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
+        attention_head_dim=8,
+        dropout=0.0,
     ),
 }
-# CelebA 64x64: METHOD.md §4 names only "DDPM UNet 64x64", no architecture of its own, so the preset IS the CIFAR
-# UNet (one definition, not a copy) and differs only by the sample size the dataset config gives it (64 px).
-UNET_PRESETS["celeba"] = UNET_PRESETS["cifar"]
+# the DAS authors' CIFAR-2 variant (Jinxu-Lin/DAS CIFAR2/config.json): D-TRAK's with scale_shift, 38,307,203
+UNET_PRESETS["cifar_das"] = {
+    **UNET_PRESETS["cifar"],
+    "resnet_time_scale_shift": "scale_shift",
+    "attn_norm_num_groups": 32,
+    "dropout": 0.1,
+}
 
 
 def build_unet(preset: str, sample_size: int, channels: int, **overrides: Any) -> UNet2DModel:
