@@ -64,8 +64,8 @@ def test_coverage_and_bias_correction_on_known_truth() -> None:
     Measured here (seeded, deterministic): the corrected two-way interval covers the truth in 0.875 of the
     experiments, 0.925 without the crossed-design correction (spread shrunk by 0.81 on average). On 600 experiments
     of other models (CENTER 0.3-0.6, SHARED 0-0.5, 16-64 subsets): 0.87-0.90 with the correction, 0.92-0.99 without
-    (most conservative with 16 subsets). Ignoring the queries (subsets-only bootstrap with replacement, the interval
-    of lds.bootstrap_lds) covers 0.67.
+    (most conservative with 16 subsets). Ignoring the queries (subsets-only bootstrap with replacement, the report's
+    interval until 2026-12-04) covers 0.67.
     The point estimate sits 1.2 points below the truth on average (a Spearman over 32 subsets is biased toward 0),
     the plain bootstrap's replicates another 1.2 below it (in all 200 experiments), so its percentile interval's
     midpoint is 2.5 points low; the corrected interval's midpoint is 0.02 point from the truth.

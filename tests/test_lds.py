@@ -12,8 +12,9 @@ from PIL import Image
 from scipy.stats import spearmanr
 from torchmetrics.functional import spearman_corrcoef
 
+from das_lightning.evaluation.intervals import paired_two_way_difference, two_way_bootstrap
 from das_lightning.evaluation.lambda_selection import heldout_split, lds_by_lambda, select_lambda
-from das_lightning.evaluation.lds import bootstrap_lds, lds_per_query, paired_bootstrap_difference
+from das_lightning.evaluation.lds import lds_per_query
 from das_lightning.evaluation.lds_report import (
     evaluate_method,
     markdown_table,
@@ -63,9 +64,9 @@ def test_constant_query_is_nan_and_excluded_from_the_mean() -> None:
     losses[:, 2] = 0.7  # every subset model has the same loss on query 2
     per_query = lds_per_query(scores, masks, losses)
     assert torch.isnan(per_query[2]) and not torch.isnan(per_query[[0, 1, 3, 4, 5]]).any()
-    result = bootstrap_lds(scores, masks, losses, num_resamples=50)
+    result = two_way_bootstrap(scores, masks, losses, num_resamples=50)
     assert result.num_undefined == 1
-    assert result.mean == pytest.approx(float(per_query[[0, 1, 3, 4, 5]].mean()))
+    assert result.estimate == pytest.approx(float(per_query[[0, 1, 3, 4, 5]].mean()))
 
 
 def test_shape_contract_is_enforced() -> None:
@@ -74,50 +75,33 @@ def test_shape_contract_is_enforced() -> None:
         lds_per_query(scores, masks, losses.T)
 
 
-def test_bootstrap_ci_contains_estimate_and_narrows_with_more_subsets() -> None:
+def test_the_interval_narrows_with_more_subsets() -> None:
     widths = []
     for num_subsets in (16, 256):
         scores, masks, losses = synthetic_problem(num_subsets=num_subsets, seed=num_subsets)
-        result = bootstrap_lds(scores, masks, losses, num_resamples=400, seed=3)
-        assert result.ci_low <= result.mean <= result.ci_high
-        assert result.mean == pytest.approx(float(lds_per_query(scores, masks, losses).mean()))
-        widths.append(result.ci_high - result.ci_low)
-    assert widths[1] < 0.5 * widths[0]
+        result = two_way_bootstrap(scores, masks, losses, num_resamples=400, seed=3)
+        assert result.corrected_low <= result.corrected <= result.corrected_high
+        assert result.estimate == pytest.approx(float(lds_per_query(scores, masks, losses).mean()))
+        widths.append(result.corrected_high - result.corrected_low)
+    assert widths[1] < 0.75 * widths[0]  # the query part of the spread stays: 16 -> 256 subsets is not 4x
 
 
-def test_bootstrap_is_deterministic_for_a_seed() -> None:
+def test_paired_difference_method_beats_its_negation() -> None:
     scores, masks, losses = synthetic_problem(num_subsets=20)
-    first = bootstrap_lds(scores, masks, losses, num_resamples=100, seed=7)
-    again = bootstrap_lds(scores, masks, losses, num_resamples=100, seed=7)
-    other = bootstrap_lds(scores, masks, losses, num_resamples=100, seed=8)
-    assert (first.ci_low, first.ci_high) == (again.ci_low, again.ci_high)
-    assert (first.ci_low, first.ci_high) != (other.ci_low, other.ci_high)
-
-
-def test_paired_bootstrap_identical_methods_give_zero() -> None:
-    scores, masks, losses = synthetic_problem(num_subsets=20)
-    assert paired_bootstrap_difference(scores, scores.copy(), masks, losses, num_resamples=200) == (
-        0.0,
-        0.0,
-        0.0,
-    )
-
-
-def test_paired_bootstrap_method_beats_its_negation() -> None:
-    scores, masks, losses = synthetic_problem(num_subsets=20)
-    diff, ci_low, ci_high = paired_bootstrap_difference(scores, -scores, masks, losses, num_resamples=200)
-    assert diff > 0.5 and ci_low > 0.0 and ci_low <= diff <= ci_high
+    result = paired_two_way_difference(scores, -scores, masks, losses, num_resamples=200)
+    assert result.estimate > 0.5 and result.resolved and result.corrected_low > 0
 
 
 def test_paired_ci_is_narrower_than_the_unpaired_one() -> None:
-    """Two close methods: pairing removes the shared subset noise (why METHOD.md asks for it)."""
+    """Two close methods: pairing removes the shared query and subset noise (why METHOD.md asks for it)."""
     scores, masks, losses = synthetic_problem(num_subsets=24, noise=1.5, seed=5)
     rng = np.random.default_rng(9)
     slightly_worse = scores + 0.3 * rng.normal(size=scores.shape)
-    a = bootstrap_lds(scores, masks, losses, num_resamples=300)
-    b = bootstrap_lds(slightly_worse, masks, losses, num_resamples=300)
-    _, low, high = paired_bootstrap_difference(scores, slightly_worse, masks, losses, num_resamples=300)
-    assert high - low < 0.5 * ((a.ci_high - a.ci_low) + (b.ci_high - b.ci_low))
+    a = two_way_bootstrap(scores, masks, losses, num_resamples=300)
+    b = two_way_bootstrap(slightly_worse, masks, losses, num_resamples=300)
+    paired = paired_two_way_difference(scores, slightly_worse, masks, losses, num_resamples=300)
+    unpaired = (a.corrected_high - a.corrected_low) + (b.corrected_high - b.corrected_low)
+    assert paired.corrected_high - paired.corrected_low < 0.5 * unpaired
 
 
 def test_heldout_split_is_deterministic_disjoint_halves() -> None:
@@ -216,21 +200,6 @@ def test_method_without_lambda_and_outputs(tmp_path) -> None:
         np.asarray(Image.open(tmp_path / f"{n}.png").convert("L")) for n in ("curve", "marked", "other")
     ]
     assert (pictures[0] != pictures[1]).any() and (pictures[1] != pictures[2]).any()
-
-
-def test_fast_bootstrap_equals_recomputing_lds_on_each_resample() -> None:
-    """The count-weighted ranks of the bootstrap equal ranking the resampled rows from scratch (ties included)."""
-    from das_lightning.evaluation.lds import _bootstrap_means, _resample_indices, lds_from_predictions
-
-    rng = np.random.default_rng(6)
-    predicted = torch.tensor(rng.integers(0, 6, size=(12, 30)), dtype=torch.float64)  # M x Q, many ties
-    losses = torch.tensor(np.round(rng.normal(size=(12, 30)), 1))
-    losses[:, 4] = 0.3  # an undefined query stays undefined in every resample
-    resamples = _resample_indices(12, 40, seed=1)
-    slow = torch.stack([lds_from_predictions(predicted[rows], losses[rows]).nanmean() for rows in resamples])
-    torch.testing.assert_close(
-        _bootstrap_means(predicted, losses, resamples, resample_chunk=7, max_comparisons=500), slow
-    )
 
 
 def test_the_reported_interval_includes_the_seed_and_a_difference_must_survive_it() -> None:

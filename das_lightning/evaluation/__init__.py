@@ -9,8 +9,16 @@ from das_lightning.evaluation.ground_truth import (
     query_losses,
     read_prediction_files,
 )
+from das_lightning.evaluation.intervals import (
+    BootstrapInterval,
+    SeedSpread,
+    paired_two_way_difference,
+    seed_spread_difference,
+    seed_spread_lds,
+    two_way_bootstrap,
+)
 from das_lightning.evaluation.lambda_selection import heldout_split, lds_by_lambda, select_lambda
-from das_lightning.evaluation.lds import LDSResult, bootstrap_lds, lds_per_query, paired_bootstrap_difference
+from das_lightning.evaluation.lds import lds_per_query
 from das_lightning.evaluation.lds_report import (
     LDSRecord,
     PairedDifference,
@@ -19,14 +27,20 @@ from das_lightning.evaluation.lds_report import (
     paired_difference,
     plot_lds_vs_lambda,
 )
+from das_lightning.evaluation.snr_lds import snr_lds
 
 __all__ = [
+    "BootstrapInterval",
+    "SeedSpread",
+    "paired_two_way_difference",
+    "seed_spread_difference",
+    "seed_spread_lds",
+    "snr_lds",
+    "two_way_bootstrap",
     "GroundTruthModule",
     "LDSRecord",
-    "LDSResult",
     "LossPredictionWriter",
     "PairedDifference",
-    "bootstrap_lds",
     "cached_query_losses",
     "evaluate_method",
     "gather_predictions",
@@ -35,7 +49,6 @@ __all__ = [
     "lds_by_lambda",
     "lds_per_query",
     "markdown_table",
-    "paired_bootstrap_difference",
     "paired_difference",
     "plot_lds_vs_lambda",
     "query_losses",

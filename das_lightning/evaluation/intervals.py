@@ -1,9 +1,9 @@
 """Honest intervals for the LDS (issue 19, item 5): two-way bootstrap, paired differences, seed spread.
 
 The LDS is a mean over queries of a per-query Spearman over subsets (METHOD.md §3), so its error has two sources:
-which subsets were trained and which queries were drawn. The subset-only percentile bootstrap of
-:mod:`das_lightning.evaluation.lds` ignores the second, and it sits below the point estimate (a resample with
-replacement repeats ~37% of the subsets; the repeats are ties, and ties lower a Spearman). Here each replicate
+which subsets were trained and which queries were drawn. The subsets-only percentile bootstrap (what the LDS report
+used until 2026-12-04) ignores the second, and it sits below the point estimate (a resample with replacement repeats
+~37% of the subsets; the repeats are ties, and ties lower a Spearman). Here each replicate
 resamples both, with the same draws for every method so that differences stay paired on both axes.
 
 How subsets are resampled (``scheme``):
@@ -16,7 +16,7 @@ How subsets are resampled (``scheme``):
   at m as at M. From the two sizes the bias of the point estimate itself follows (a Richardson step):
   ``bias = (mean(replicates) - point) x (m + 1)/(M - m)``.
 - ``"replacement"``: the classic M-out-of-M bootstrap with replacement (ties from repeated subsets get average
-  ranks, as in ``lds.bootstrap_lds``). Kept to compare; its bias estimate is the usual mean(replicates) - point,
+  ranks, as the report's old subsets-only bootstrap did). Kept to compare; its bias estimate is the usual mean(replicates) - point,
   which mixes the Spearman's own small-sample bias with the artefact of the repeats.
 
 Reported (:class:`BootstrapInterval`, fractions): the point estimate (the plain LDS, as in the tables), the percentile
@@ -519,7 +519,7 @@ def two_way_bootstrap(
     """Mean LDS with a bootstrap over queries AND subsets: (Q x N, M x N, M x Q) -> :class:`BootstrapInterval`.
 
     ``scheme``: "half" (half-sampling without replacement, default) or "replacement"; ``resample_queries=False``
-    gives a subsets-only bootstrap (with "replacement": the interval of ``lds.bootstrap_lds``, up to the draws).
+    gives a subsets-only bootstrap (with "replacement": the report's old subsets-only interval, up to the draws).
     ``crossed_correction``: shrink the two-way spread by the crossed-design factor (module docstring).
     ``query_indices`` restricts to those queries first (e.g. the report half).
     """
