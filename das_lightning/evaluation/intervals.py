@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from das_lightning.evaluation.lds import CONFIDENCE, lds_from_predictions, predictions
+from das_lightning.evaluation.lds import CONFIDENCE, lds_from_predictions, nanmean_with_count, predictions
 from das_lightning.seeding import generator_for
 
 log = logging.getLogger(__name__)
@@ -391,11 +391,6 @@ def _quantiles(samples: torch.Tensor, confidence: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def _nanmean(values: torch.Tensor) -> float:
-    defined = values[~torch.isnan(values)]
-    return float(defined.mean()) if defined.numel() else math.nan
-
-
 def _interval(
     point: float,
     replicates: _Replicates,
@@ -411,7 +406,7 @@ def _interval(
     """Percentile interval, bias, and the (crossed-corrected) interval re-centred on the bias-corrected estimate."""
     two_way = replicates.two_way
     low, high = _quantiles(two_way, confidence)
-    replicate_mean = _nanmean(two_way)
+    replicate_mean, _ = nanmean_with_count(two_way)
     shift = replicate_mean - point
     if scheme == "half":
         # E[replicate] - E[point] = b (1/(m+1) - 1/(M+1)); the point's own bias is b/(M+1)
@@ -497,8 +492,7 @@ def _check_resampling(num_subsets: int, scheme: str, num_resamples: int) -> str 
 
 
 def _point(predicted: torch.Tensor, losses: torch.Tensor) -> tuple[float, int]:
-    per_query = lds_from_predictions(predicted, losses)
-    return _nanmean(per_query), int(torch.isnan(per_query).sum())
+    return nanmean_with_count(lds_from_predictions(predicted, losses))
 
 
 # --------------------------------------------------------------------------------------------------- public

@@ -16,9 +16,9 @@ from das_lightning.evaluation.lds import (
     Lambda,
     _as_tensor,
     _check_contract,
-    _nanmean_with_count,
     _select_queries,
     lds_from_predictions,
+    nanmean_with_count,
     predictions,
 )
 from das_lightning.seeding import derive_seed
@@ -95,7 +95,7 @@ def lds_by_lambda(
         scores_t = _as_tensor(scores)
         _check_contract(scores_t, masks_t, losses_t)
         scores_sel, losses_sel = _select_queries(scores_t, losses_t, query_indices)
-        curve[lambda_], _ = _nanmean_with_count(
+        curve[lambda_], _ = nanmean_with_count(
             lds_from_predictions(predictions(scores_sel, masks_t), losses_sel)
         )
     return curve

@@ -113,8 +113,9 @@ def lds_per_query(scores: ArrayLike, masks: ArrayLike, losses: ArrayLike) -> tor
     return lds_from_predictions(predictions(scores_t, masks_t), losses_t)
 
 
-def _nanmean_with_count(per_query: torch.Tensor) -> tuple[float, int]:
-    """Mean over the defined queries and the number of undefined (NaN) ones."""
+def nanmean_with_count(per_query: torch.Tensor) -> tuple[float, int]:
+    """Mean over the defined values (queries, replicates) and the number of undefined (NaN) ones; NaN when none is
+    defined."""
     defined = ~torch.isnan(per_query)
     num_undefined = int((~defined).sum())
     mean = float(per_query[defined].mean()) if defined.any() else math.nan

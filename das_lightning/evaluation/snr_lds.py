@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from das_lightning.evaluation.lds import lds_from_predictions, predictions
+from das_lightning.evaluation.lds import lds_from_predictions, nanmean_with_count, predictions
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -224,11 +224,6 @@ class SNRLDSResult:
         }
 
 
-def _nanmean(values: torch.Tensor) -> float:
-    defined = values[~torch.isnan(values)]
-    return float(defined.mean()) if defined.numel() else math.nan
-
-
 def snr_lds(
     scores: ArrayLike,
     masks: ArrayLike,
@@ -275,10 +270,10 @@ def snr_lds(
     return SNRLDSResult(
         label=SNR_LDS_LABEL,
         zeta=float(zeta),
-        mean=_nanmean(per_query),
+        mean=nanmean_with_count(per_query)[0],
         per_query=per_query,
         query_status=tuple(status),
         selected=selected,
         fit=fit,
-        full_lds_on_valid=_nanmean(torch.where(valid, full, torch.nan)),
+        full_lds_on_valid=nanmean_with_count(torch.where(valid, full, torch.nan))[0],
     )
