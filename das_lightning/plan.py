@@ -5,9 +5,9 @@ weights are loaded, nothing is computed or written. Every figure comes from the 
 and, where the size is decided by a function of its own, from that function: the store layout of
 :func:`~das_lightning.attribution.store.store_layout`, the vmap budget of
 :meth:`~das_lightning.attribution.grads.PerSampleGradients.pairs_per_call`, the dense projector's ``fits_in_memory``,
-kronfluence's factor stages. Two rules live inside function bodies and are restated here beside the name of their
-source: how ``flat_gradients`` splits a batch into vmap calls (:func:`pairs_in_call`) and when
-``KernelSolver.from_features`` takes the Gram form (:func:`kernel_memory`); tests/test_plan.py checks the figures
+kronfluence's factor stages, how ``flat_gradients`` splits a batch into vmap calls
+(:func:`~das_lightning.attribution.grads.vmap_chunks`) and when ``KernelSolver.from_features`` takes the Gram form
+(:meth:`~das_lightning.attribution.kernel_solver.KernelSolver.uses_gram`); tests/test_plan.py checks the figures
 against runs.
 
 What is exact and what is an estimate:
@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from das_lightning.attribution.features import FeatureSettings, make_gradients, store_folder
-from das_lightning.attribution.grads import PEAK_PER_SAVED_BYTE
+from das_lightning.attribution.grads import PEAK_PER_SAVED_BYTE, vmap_chunks
+from das_lightning.attribution.kernel_solver import KernelSolver
 from das_lightning.attribution.methods import build_method
 from das_lightning.attribution.methods.base import Method
 from das_lightning.attribution.methods.kernel import KernelMethod
@@ -263,11 +264,8 @@ def network_figures(
 
 def pairs_in_call(batch: int, num_draws: int, budget_pairs: int, timestep_batch: int | None) -> int:
     """(image, draw) pairs in one vmap call of a batch, as ``PerSampleGradients.flat_gradients`` chunks it."""
-    if timestep_batch is not None:
-        return batch * min(int(timestep_batch), num_draws)
-    if batch <= budget_pairs:
-        return batch * min(max(1, budget_pairs // batch), num_draws)
-    return budget_pairs
+    images, draws = vmap_chunks(batch, budget_pairs, timestep_batch)
+    return images * min(draws, num_draws)
 
 
 # ------------------------------------------------------------------------------------------------ attribute
@@ -322,7 +320,7 @@ def score_rows(method: MethodSettings) -> int:
 
 def kernel_memory(num_train: int, dim: int) -> tuple[int, str]:
     """The factorisation of KernelSolver.from_features: the k x k kernel, or the N x N Gram matrix when N < k."""
-    if num_train < dim:
+    if KernelSolver.uses_gram(num_train, dim):
         # features N x k, Gram and its eigenvectors N x N, directions k x N, all float64
         return (2 * num_train * dim + 2 * num_train**2) * FLOAT64, (
             "Gram form (N < k): N x N float64 Gram + eigenvectors, N x k float64 features and directions"

@@ -311,22 +311,25 @@ class PerSampleGradients:
         if len(index_list) != batch:
             raise ConfigError(f"{batch} images but {len(index_list)} indices")
         extra = dict(extra or {})
-        if self.timestep_batch is not None:
-            return self._batch_gradients(images, index_list, set_name, extra, self.timestep_batch)
-        pairs = self.pairs_per_call(images[0], {key: value[0] for key, value in extra.items()})
-        if batch <= pairs:
-            return self._batch_gradients(images, index_list, set_name, extra, max(1, pairs // batch))
-        # even one draw of the whole batch is over budget: features are per sample, so split the batch
+        budget = (
+            None
+            if self.timestep_batch is not None
+            else self.pairs_per_call(images[0], {key: value[0] for key, value in extra.items()})
+        )
+        images_per_call, draws_per_call = vmap_chunks(batch, budget, self.timestep_batch)
+        if images_per_call >= batch:
+            return self._batch_gradients(images, index_list, set_name, extra, draws_per_call)
+        # features are per sample, so a batch over budget is split into parts of images_per_call images
         return torch.cat(
             [
                 self._batch_gradients(
-                    images[start : start + pairs],
-                    index_list[start : start + pairs],
+                    images[start : start + images_per_call],
+                    index_list[start : start + images_per_call],
                     set_name,
-                    {key: value[start : start + pairs] for key, value in extra.items()},
-                    1,
+                    {key: value[start : start + images_per_call] for key, value in extra.items()},
+                    draws_per_call,
                 )
-                for start in range(0, batch, pairs)
+                for start in range(0, batch, images_per_call)
             ]
         )
 
@@ -427,6 +430,20 @@ class PerSampleGradients:
                     features[:, self.parameter_slices[name]] += value * weights[:, None]
             position = stop
         return carried
+
+
+def vmap_chunks(batch: int, budget_pairs: int | None, timestep_batch: int | None) -> tuple[int, int]:
+    """(images, draws) per vmap call of a batch of ``batch`` images: ``timestep_batch`` draws of the whole batch
+    when it is set; else as many draws of the whole batch as ``budget_pairs`` (image, draw) pairs allow (at least
+    one); else, when even one draw of the batch is over budget, ``budget_pairs`` images one draw at a time.
+    :meth:`PerSampleGradients.flat_gradients` calls it, and so does the plan (das_lightning/plan.py)."""
+    if timestep_batch is not None:
+        return batch, int(timestep_batch)
+    if budget_pairs is None:
+        raise ValueError("vmap_chunks needs budget_pairs when timestep_batch is not set")
+    if batch <= budget_pairs:
+        return batch, max(1, budget_pairs // batch)
+    return budget_pairs, 1
 
 
 def reference_draw_gradients(

@@ -76,6 +76,12 @@ class KernelSolver:
             raise ValueError("train_features has no rows")
         return kernel
 
+    @staticmethod
+    def uses_gram(num_samples: int, dim: int) -> bool:
+        """Whether :meth:`from_features` factorises through the N x N Gram matrix (N < k) rather than the k x k kernel
+        (the plan of das_lightning/plan.py asks the same)."""
+        return num_samples < dim
+
     @classmethod
     def from_features(
         cls, train_features: RowSliceable, block_size: int = DEFAULT_BLOCK_SIZE
@@ -84,7 +90,7 @@ class KernelSolver:
         num_samples = len(train_features)
         if num_samples == 0:
             raise ValueError("train_features has no rows")
-        if num_samples < int(np.shape(train_features[0:1])[1]):
+        if cls.uses_gram(num_samples, int(np.shape(train_features[0:1])[1])):
             return cls.from_gram(train_features)
         kernel = cls.accumulate_kernel(train_features, block_size)
         # symmetrise: summation order leaves K asymmetric in the last bits, and eigh reads one triangle only
