@@ -159,6 +159,14 @@ def score_manifest(
     }
 
 
+def scores_by_scale(stacked: np.ndarray, manifest: dict[str, Any]) -> dict[float | None, np.ndarray]:
+    """{c: queries x train} of a score folder's rows ({None: scores} without lambda), as arrays in memory."""
+    scales = manifest.get("lambda_scales")
+    if not scales:
+        return {None: np.array(stacked[0])}
+    return {float(c): np.array(stacked[row]) for row, c in enumerate(scales)}
+
+
 def scores_at(stacked: np.ndarray, manifest: dict[str, Any], scale: float | None) -> np.ndarray:
     """The queries x train scores of a score folder at lambda scale c (the only row when it has no lambda)."""
     scales = manifest.get("lambda_scales")

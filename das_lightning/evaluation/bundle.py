@@ -46,7 +46,7 @@ from das_lightning.artifacts import generated_manifest, require_finished
 from das_lightning.attribution.context import AttributionInputs
 from das_lightning.attribution.features import CollectionDevice
 from das_lightning.attribution.methods import build_method
-from das_lightning.attribution.pipeline import load_scores
+from das_lightning.attribution.pipeline import load_scores, scores_by_scale
 from das_lightning.attribution.settings import MethodSettings
 from das_lightning.data import (
     ImageDataset,
@@ -58,7 +58,12 @@ from das_lightning.data import (
 from das_lightning.diffusion import noise_seed, rule_noise
 from das_lightning.errors import ConfigError, MissingArtifactError, NumericalError
 from das_lightning.evaluation.intervals import check_subset_count
-from das_lightning.evaluation.lambda_selection import heldout_halves, select_lambda, subset_rows
+from das_lightning.evaluation.lambda_selection import (
+    heldout_halves,
+    seed_subset_rows,
+    select_lambda,
+    subset_rows,
+)
 from das_lightning.evaluation.lds import Lambda, predictions
 from das_lightning.evaluation.lds_report import (
     LDSRecord,
@@ -634,10 +639,7 @@ def project_scores(bundle: Bundle, folder: Path) -> dict[str, dict[Lambda, np.nd
         differences = manifest_differences({key: manifest.get(key) for key in expected}, expected)
         if differences:
             raise ManifestMismatchError(folder / name, differences)
-        scales = manifest.get("lambda_scales") or [None]
-        scores[name] = {
-            None if c is None else float(c): np.array(stacked[row]) for row, c in enumerate(scales)
-        }
+        scores[name] = scores_by_scale(stacked, manifest)
     if not scores:
         raise MissingArtifactError(
             f"scores={folder}: no sub-folder for any of the query sets {bundle.query_sets}"
@@ -774,7 +776,7 @@ def _paired_on_predictions(
     losses, by_seed = bundle.losses(query_set), bundle.ground_truth[query_set]
     identity = np.eye(len(losses))
     report_masks, report_losses = subset_rows(identity, losses, halves.report_subsets)
-    report_by_seed = by_seed if halves.report_subsets is None else by_seed[:, halves.report_subsets]
+    report_by_seed = seed_subset_rows(by_seed, halves.report_subsets)
     return paired_difference(
         a,
         predicted_a.T,  # queries x subsets: each query's prediction for every subset

@@ -79,6 +79,13 @@ def subset_rows(
     return np.asarray(masks)[subsets], np.asarray(losses)[subsets]
 
 
+def seed_subset_rows(losses_by_seed: ArrayLike, subsets: np.ndarray | None) -> ArrayLike:
+    """Keep the same subsets of each training seed's losses (R x M x Q -> R x M' x Q), as :func:`subset_rows`."""
+    if subsets is None:
+        return losses_by_seed
+    return np.asarray(losses_by_seed)[:, subsets]
+
+
 def lds_by_lambda(
     scores_by_lambda: Mapping[Lambda, ArrayLike],
     masks: ArrayLike,

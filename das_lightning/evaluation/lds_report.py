@@ -25,7 +25,12 @@ from das_lightning.evaluation.intervals import (
     seed_spread_difference,
     seed_spread_lds,
 )
-from das_lightning.evaluation.lambda_selection import heldout_halves, select_lambda, subset_rows
+from das_lightning.evaluation.lambda_selection import (
+    heldout_halves,
+    seed_subset_rows,
+    select_lambda,
+    subset_rows,
+)
 from das_lightning.evaluation.lds import ArrayLike, Lambda
 from das_lightning.lambdas import grid_edge
 from das_lightning.manifest import atomic_save
@@ -203,7 +208,7 @@ def evaluate_method(
     )
     oracle_lambda = select_lambda(scores_by_lambda, masks, losses, None)
     report_masks, _ = subset_rows(masks, losses, halves.report_subsets)
-    report_by_seed = by_seed if halves.report_subsets is None else by_seed[:, halves.report_subsets]
+    report_by_seed = seed_subset_rows(by_seed, halves.report_subsets)
     heldout_result = reported_lds(
         scores_by_lambda[heldout_lambda],
         report_masks,

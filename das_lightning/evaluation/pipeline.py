@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from das_lightning.artifacts import DONE_MARKER, load_finished, require_finished, retrain_remedy
 from das_lightning.attribution.features import CollectionDevice
-from das_lightning.attribution.pipeline import load_scores
+from das_lightning.attribution.pipeline import load_scores, scores_by_scale
 from das_lightning.data import ImageDataset, content_entry, load_index_record
 from das_lightning.diffusion import NUM_TRAIN_TIMESTEPS
 from das_lightning.distributed import build_trainer, is_global_zero
@@ -34,6 +34,7 @@ from das_lightning.evaluation.lambda_selection import (
     HELDOUT_MODES,
     heldout_halves,
     lds_by_lambda,
+    seed_subset_rows,
     select_lambda,
     subset_rows,
 )
@@ -273,12 +274,8 @@ def method_scores(
             scores_dir / method / query_set,
             {"lambda_scales": (None, "c x trace(K)/N")},
         )
-    scales = manifest["lambda_scales"]
-    members = manifest.get("ensemble") or []
-    if not scales:
-        return {None: np.array(stacked[0])}, None, members
-    by_scale = {float(c): np.array(stacked[i]) for i, c in enumerate(scales)}
-    return by_scale, float(manifest["lambda_unit"]), members
+    unit = float(manifest["lambda_unit"]) if manifest["lambda_scales"] else None
+    return scores_by_scale(stacked, manifest), unit, manifest.get("ensemble") or []
 
 
 @dataclass
@@ -362,9 +359,7 @@ def evaluate(
                         settings.num_resamples,
                         settings.bootstrap_seed,
                         query_indices=halves.report_queries,
-                        losses_by_seed=losses_by_seed
-                        if halves.report_subsets is None
-                        else losses_by_seed[:, halves.report_subsets],
+                        losses_by_seed=seed_subset_rows(losses_by_seed, halves.report_subsets),
                     )
                 )
     table = markdown_table(records, differences) + snr_table(snr)
