@@ -194,19 +194,15 @@ def module_settings(model_cfg: DictConfig) -> dict[str, Any]:
 
 def attribution_inputs(cfg: DictConfig, paths: RunPaths, method):
     """The attribute stage's typed inputs from the config: the model's adapter, the training set and the query sets."""
-    from das_lightning.attribution.inputs import check_model_fits, load_attribution_inputs
+    from das_lightning.attribution.inputs import load_attribution_inputs
     from das_lightning.attribution.methods import build_method
     from das_lightning.queries import build_query_sets
 
-    adapter, train_set = model_adapter(cfg.model), dataset_from_config(cfg, split="train")
-    check_model_fits(
-        adapter, train_set
-    )  # before the query sets, which may need this model's generated images
     return load_attribution_inputs(
         paths,
-        adapter,
-        train_set,
-        build_query_sets(query_settings(cfg), dataset_from_config(cfg, split="test"), paths),
+        model_adapter(cfg.model),
+        dataset_from_config(cfg, split="train"),
+        lambda: build_query_sets(query_settings(cfg), dataset_from_config(cfg, split="test"), paths),
         build_method(method),
         collection_device(cfg),
     )

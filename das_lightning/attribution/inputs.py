@@ -4,6 +4,8 @@ snapshots for TracIn, denoising trajectories of the generated queries for Journe
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from das_lightning.artifacts import load_finished, require_trained_on, training_snapshots
 from das_lightning.attribution.context import AttributionInputs
 from das_lightning.attribution.features import CollectionDevice
@@ -14,29 +16,24 @@ from das_lightning.paths import RunPaths
 from das_lightning.selection import lds_json_path
 
 
-def check_model_fits(adapter: ModelAdapter, train_set: ImageDataset) -> None:
-    """A pretrained network whose channels or resolution do not fit the data is refused before anything else is
-    looked for (a model trained here was made for its data: its run manifest is checked when it is loaded)."""
-    if isinstance(adapter, PretrainedAdapter):
-        adapter.check_fits(train_set.channels, train_set.image_size)
-
-
 def load_attribution_inputs(
     paths: RunPaths,
     adapter: ModelAdapter,
     train_set: ImageDataset,
-    query_sets: dict[str, ImageDataset],
+    query_sets: Callable[[], dict[str, ImageDataset]],
     entry: Method,
     device: CollectionDevice,
 ) -> AttributionInputs:
     """The model of ``paths`` (or the pretrained one of ``adapter``) with the sets to attribute, refusing a model
-    trained on another training set or one that does not fit the data."""
-    check_model_fits(adapter, train_set)
+    trained on another training set or one that does not fit the data. ``query_sets`` builds the query sets, after
+    a pretrained network is checked against the data (generated queries would otherwise be looked for first)."""
     if isinstance(adapter, PretrainedAdapter):  # trained elsewhere: the user names its training set
+        adapter.check_fits(train_set.channels, train_set.image_size)
         model = adapter.load()
     else:
         model = load_finished(paths, adapter)
         require_trained_on(paths, train_set)
+    query_sets = query_sets()
     snapshots = training_snapshots(paths) if entry.needs_snapshots else []
     journey = {}
     if entry.needs_journey and "generated" in query_sets:
