@@ -98,6 +98,49 @@ def das_root(trained_root: Path, tmp_path_factory) -> Path:
     return root
 
 
+# The tiny LDS: 3 subset models, DAS and pixel, ground truth on 4 timesteps x 2 e_seeds
+TINY_LDS = [
+    "lds.num_subsets=3",
+    "lds.timestep_stride=250",
+    "lds.e_seeds=[0,1]",
+    "lds.num_resamples=50",
+    "methods=[das,pixel]",
+    "pairs=[[das,pixel]]",
+    "queries.num_val=6",
+    "queries.num_generated=6",
+    "dataset.image_size=8",
+    "dataset.num_train=48",
+    "logger=none",
+    "trainer.enable_progress_bar=false",
+]
+
+
+@pytest.fixture(scope="session")
+def lds_run(trained_root: Path, tmp_path_factory) -> Path:
+    """What the tiny LDS needs, made once per session: the tiny model, its 3 subset models (train.py -m), and its
+    DAS and pixel scores. Tests copy it (shutil.copytree) before writing into it."""
+    from das_lightning import cli
+
+    root = tmp_path_factory.mktemp("lds-run")
+    shutil.copytree(trained_root / "fashion2", root / "fashion2")
+    shutil.rmtree(root / RUN / "features", ignore_errors=True)
+    shutil.rmtree(root / RUN / "scores", ignore_errors=True)
+    run_entry(
+        "train.py",
+        "-m",
+        "subset=lds",
+        "subset.index=0,1,2",
+        f"paths.root={root}",
+        *TINY_TRAIN,
+        "train.max_steps=4",
+        cwd=root,
+    )
+    cli.run_attribute(compose("attribute", [f"paths.root={root}", *TINY_ATTRIBUTE]))
+    pixel = [o for o in TINY_ATTRIBUTE if not o.startswith("method.features")]
+    cli.run_attribute(compose("attribute", [f"paths.root={root}", *pixel, "method=pixel"]))
+    return root
+
+
 def tiny_unet(seed: int = 0, dropout: float = 0.0, channels: int = 3, sample_size: int = 8):
     """The tests' hand-sized UNet: the ``tiny`` preset's blocks (one with attention) at widths (8, 16), seeded."""
     import torch

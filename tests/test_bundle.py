@@ -22,46 +22,16 @@ from das_lightning.evaluation.bundle import (
 )
 from das_lightning.manifest import CorruptArtifactError, ManifestMismatchError
 
-from conftest import TINY_ATTRIBUTE, TINY_TRAIN, compose, run_entry
+from conftest import RUN, TINY_ATTRIBUTE, TINY_LDS, compose, run_entry
 
-RUN = Path("fashion2") / "tiny" / "full" / "seed0"
 RESULTS = Path("fashion2") / "tiny" / "lds" / "full-seed0"
-TINY_LDS = [
-    "lds.num_subsets=3",
-    "lds.timestep_stride=250",
-    "lds.e_seeds=[0,1]",
-    "lds.num_resamples=50",
-    "methods=[das,pixel]",
-    "pairs=[[das,pixel]]",
-    "queries.num_val=6",
-    "queries.num_generated=6",
-    "dataset.image_size=8",
-    "dataset.num_train=48",
-    "logger=none",
-    "trainer.enable_progress_bar=false",
-]
 
 
 @pytest.fixture(scope="module")
-def bundle_run(trained_root: Path, tmp_path_factory) -> tuple[Path, Path]:
+def bundle_run(lds_run: Path, tmp_path_factory) -> tuple[Path, Path]:
     """(run root, bundle folder): the tiny model, 3 subset models, DAS and pixel scores, the LDS and its bundle."""
-    root = tmp_path_factory.mktemp("bundle-run")
-    shutil.copytree(trained_root / "fashion2", root / "fashion2")
-    shutil.rmtree(root / RUN / "features", ignore_errors=True)
-    shutil.rmtree(root / RUN / "scores", ignore_errors=True)
-    run_entry(
-        "train.py",
-        "-m",
-        "subset=lds",
-        "subset.index=0,1,2",
-        f"paths.root={root}",
-        *TINY_TRAIN,
-        "train.max_steps=4",
-        cwd=root,
-    )
-    cli.run_attribute(compose("attribute", [f"paths.root={root}", *TINY_ATTRIBUTE]))
-    pixel = [o for o in TINY_ATTRIBUTE if not o.startswith("method.features")]
-    cli.run_attribute(compose("attribute", [f"paths.root={root}", *pixel, "method=pixel"]))
+    root = tmp_path_factory.mktemp("bundle-run") / "run"
+    shutil.copytree(lds_run, root)
     bundle = root / "bundle"
     cli.run_lds(compose("evaluate_lds", [f"paths.root={root}", *TINY_LDS, f"export_bundle={bundle}"]))
     return root, bundle

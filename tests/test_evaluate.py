@@ -15,44 +15,13 @@ from das_lightning.errors import ConfigError, MissingArtifactError
 from das_lightning.evaluation.pipeline import MissingSubsetModelsError
 from das_lightning.manifest import ManifestMismatchError
 
-from conftest import TINY_ATTRIBUTE, TINY_TRAIN, compose, run_entry
-
-RUN = Path("fashion2") / "tiny" / "full" / "seed0"
-TINY_LDS = [
-    "lds.num_subsets=3",
-    "lds.timestep_stride=250",
-    "lds.e_seeds=[0,1]",
-    "lds.num_resamples=50",
-    "methods=[das,pixel]",
-    "pairs=[[das,pixel]]",
-    "queries.num_val=6",
-    "queries.num_generated=6",
-    "dataset.image_size=8",
-    "dataset.num_train=48",
-    "logger=none",
-    "trainer.enable_progress_bar=false",
-]
+from conftest import RUN, TINY_ATTRIBUTE, TINY_LDS, TINY_TRAIN, compose, run_entry
 
 
 @pytest.fixture(scope="module")
-def lds_root(trained_root: Path, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("lds")
-    shutil.copytree(trained_root / "fashion2", root / "fashion2")
-    shutil.rmtree(root / RUN / "features", ignore_errors=True)
-    shutil.rmtree(root / RUN / "scores", ignore_errors=True)
-    run_entry(
-        "train.py",
-        "-m",
-        "subset=lds",
-        "subset.index=0,1,2",
-        f"paths.root={root}",
-        *TINY_TRAIN,
-        "train.max_steps=4",
-        cwd=root,
-    )
-    cli.run_attribute(compose("attribute", [f"paths.root={root}", *TINY_ATTRIBUTE]))
-    pixel = [o for o in TINY_ATTRIBUTE if not o.startswith("method.features")]
-    cli.run_attribute(compose("attribute", [f"paths.root={root}", *pixel, "method=pixel"]))
+def lds_root(lds_run: Path, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("lds") / "run"
+    shutil.copytree(lds_run, root)
     return root
 
 
