@@ -61,7 +61,6 @@ from das_lightning.evaluation.intervals import check_subset_count
 from das_lightning.evaluation.lambda_selection import (
     heldout_halves,
     seed_subset_rows,
-    select_lambda,
     subset_rows,
 )
 from das_lightning.evaluation.lds import Lambda, predictions
@@ -680,7 +679,7 @@ def evaluate_scores(
     for query_set, by_lambda in by_set.items():
         losses = bundle.losses(query_set)  # subsets x queries
         halves = bundle.halves(query_set)
-        records += evaluate_method(
+        heldout, oracle = evaluate_method(
             by_lambda,
             bundle.masks,
             losses,
@@ -691,10 +690,8 @@ def evaluate_scores(
             heldout=settings.heldout,
             losses_by_seed=bundle.ground_truth[query_set],
         )
-        selection_masks, selection_losses = subset_rows(bundle.masks, losses, halves.selection_subsets)
-        chosen = by_lambda[
-            select_lambda(by_lambda, selection_masks, selection_losses, halves.selection_queries)
-        ]
+        records += [heldout, oracle]
+        chosen = by_lambda[heldout.lambda_]  # the c the held-out half selected
         ours = predictions(chosen, bundle.masks).numpy()  # M x Q, as the recorded methods' are stored
         for method, stored in bundle.predictions[query_set].items():
             differences.append(

@@ -35,7 +35,6 @@ from das_lightning.evaluation.lambda_selection import (
     heldout_halves,
     lds_by_lambda,
     seed_subset_rows,
-    select_lambda,
     subset_rows,
 )
 from das_lightning.evaluation.lds_report import (
@@ -318,12 +317,11 @@ def evaluate(
         losses = losses_by_seed.mean(0)  # subsets x queries: the LDS's ground truth
         check_subset_count(len(losses))  # warns (and the table says so) below the count a Spearman needs
         halves = heldout_halves(len(queries), len(losses), settings.heldout, seed=settings.bootstrap_seed)
-        selection_masks, selection_losses = subset_rows(masks, losses, halves.selection_subsets)
         report_masks, report_losses = subset_rows(masks, losses, halves.report_subsets)
         chosen: dict[str, np.ndarray] = {}
         for method in methods:
             by_lambda, unit, members = scores[(method, name)]
-            records += evaluate_method(
+            heldout, oracle = evaluate_method(
                 by_lambda,
                 masks,
                 losses,
@@ -336,10 +334,10 @@ def evaluate(
                 members=members,
                 losses_by_seed=losses_by_seed,
             )
+            records += [heldout, oracle]
             if None not in by_lambda:
                 curves.setdefault(name, {})[method] = lds_by_lambda(by_lambda, masks, losses)
-            selected = select_lambda(by_lambda, selection_masks, selection_losses, halves.selection_queries)
-            chosen[method] = by_lambda[selected]
+            chosen[method] = by_lambda[heldout.lambda_]  # the c the held-out half selected
         if settings.snr_zeta is not None:  # each method at its held-out c, on every query and subset
             for method in methods:
                 result = snr_lds(chosen[method], masks, losses, zeta=float(settings.snr_zeta))
