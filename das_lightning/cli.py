@@ -335,7 +335,7 @@ def run_train(cfg: DictConfig) -> RunPaths:
 def run_attribute(cfg: DictConfig):
     """attribute.py: features, then scores of one method for every query set."""
     from das_lightning.attribution.ensemble import EnsembleSettings, ensemble_members
-    from das_lightning.attribution.features import draw_suffix
+    from das_lightning.attribution.features import store_suffix
     from das_lightning.attribution.pipeline import attribute, validate_method
 
     method = method_settings(cfg)
@@ -344,9 +344,11 @@ def run_attribute(cfg: DictConfig):
     validate_method(method, ensemble.active)  # before the model is loaded or any feature is computed
     if ensemble.active:  # the ensemble's scores are a method of their own in the score folders and the LDS
         method = replace(method, name=ensemble.scores_name(method.name))
-    if method.features is not None and draw_suffix(method.features):
-        # other draws are other scores: their own folder (and LDS name), as their features have their own store
-        method = replace(method, name=method.name + draw_suffix(method.features))
+    if method.features is not None:
+        # other feature settings are other scores: the score folder (and LDS name) takes the suffix of the folder
+        # their features live in (features.store_suffix: "" for the plain store), so both coexist with today's
+        suffix = store_suffix(attribute_features_dir(cfg), method.features)
+        method = replace(method, name=method.name + suffix)
     if cfg.get("plan"):
         return run_attribute_plan(cfg, method)
     if cfg.get("bundle") is not None:  # a bundle's model and queries: nothing trained or generated here
@@ -360,12 +362,21 @@ def run_attribute(cfg: DictConfig):
     finally:
         close_logger(logger)
     if is_global_zero():
-        print(f"method {result.method}:")
+        print(f"method {result.method}:  (score folder {paths.scores_dir / result.method})")
         for query_set, folder in result.folders.items():
             chosen = result.chosen[query_set]
             picked = "" if chosen is None else f" (pictures at c = {chosen.scale:g}, from {chosen.source})"
             print(f"  {query_set}: {folder}/scores.npy, topk.json, grid.png{picked}")
     return result
+
+
+def attribute_features_dir(cfg: DictConfig) -> Path:
+    """Where attribute.py keeps this run's feature stores (a bundle's model folder with ``bundle=``)."""
+    if cfg.get("bundle") is not None:
+        from das_lightning.evaluation.bundle import bundle_run_paths, load_bundle
+
+        return bundle_run_paths(load_bundle(Path(cfg.bundle)), Path(cfg.paths.root)).features_dir
+    return run_paths(cfg).features_dir
 
 
 # ------------------------------------------------------------------------------------------------ plan=true

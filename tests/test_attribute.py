@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -68,19 +69,20 @@ def test_features_do_not_depend_on_batch_size(das_root: Path, tmp_path: Path) ->
         )
 
 
-def test_changed_projector_seed_is_refused_with_the_key_named(das_root: Path) -> None:
-    result = run_entry(
-        "attribute.py",
-        f"paths.root={das_root}",
-        *TINY_ATTRIBUTE,
-        "projector.seed=1",
-        cwd=das_root,
-        check=False,
-    )
-    assert result.returncode == 2 and "different settings" in result.stderr
-    # the one differing key, by its dotted name: not the two whole settings dicts
-    assert "features.projector_seed: on disk 0, requested 1" in result.stderr
-    assert "output_function" not in result.stderr
+def test_changed_projector_seed_gets_its_own_store_and_scores_beside_todays(
+    das_root: Path, tmp_path: Path
+) -> None:
+    """Issue 18: stores of other feature settings coexist (features.store_folder) instead of being refused."""
+    root = tmp_path / "root"
+    shutil.copytree(das_root, root)
+    plain = (root / RUN / "features" / "das" / "train" / "features.npy").read_bytes()
+    result = run_entry("attribute.py", f"paths.root={root}", *TINY_ATTRIBUTE, "projector.seed=1", cwd=root)
+    variant = re.search(r"method (das-[0-9a-f]{10}):", result.stdout)
+    assert variant is not None, result.stdout
+    assert (root / RUN / "scores" / variant[1] / "val" / "scores.npy").exists()
+    manifest = json.loads((root / RUN / "features" / variant[1] / "train" / "manifest.json").read_text())
+    assert manifest["features"]["projector_seed"] == 1
+    assert (root / RUN / "features" / "das" / "train" / "features.npy").read_bytes() == plain
 
 
 def test_two_process_ddp_features_equal_one_process(das_root: Path, tmp_path: Path) -> None:

@@ -1,11 +1,19 @@
 """Collect (or resume, or reuse) the projected gradient features of one image set into a feature store.
 
-Where a store lives: ``collect_features`` is given ``<features_dir>/<name>/<key>``. Stores of one-draw settings
-(the defaults, and every store made before draws existed) live there. Settings with other draws
-(``draws_per_timestep``, ``sampling``, ``antithetic``, ``normalize=draw``) live beside it, in
-``<features_dir>/<name>-<hash of those draw settings>/<key>``: stores of different draws coexist, and a sweep over
-draws needs no hand-made names. Within one folder a store made with other settings is still refused, naming the
-keys that differ (another projector seed, K, checkpoint, ...).
+Where a store lives (one rule, :func:`store_folder`; score folders follow it, :func:`store_suffix`):
+``collect_features`` is given ``<features_dir>/<name>/<key>``.
+
+- The feature set's *home* is ``<name>`` for one-draw settings and ``<name>-<hash of the draw settings>`` for other
+  draws (``draws_per_timestep``, ``sampling``, ``antithetic``, ``normalize=draw``), as since draws existed.
+- A store lives in its home unless the home already holds stores of other semantic settings (another K, projector
+  kind, k or seed, e_seed, timesteps, output function, dtype, ...: the manifest's ``features`` section). Then it
+  lives in ``<name>-<hash of all its semantic settings>`` beside it instead of being refused: stores of different
+  settings coexist and a sweep needs no hand-made names (or name one yourself: ``method.features.name``).
+- So every store made before this rule keeps its folder (the demo's, the benchmarks', the tests' tiny ones), and a
+  run's default store stays ``<name>`` on a run folder where it was made first. Batch size, workers, activation
+  budget and timestep_batch compute the same rows: they never change the folder.
+
+Within one folder a store made from another checkpoint or image set is still refused, naming the keys that differ.
 """
 
 from __future__ import annotations
@@ -197,14 +205,9 @@ def _cached_projector(kind: str, num_params: int, dim: int, seed: int, key: tupl
     return _last_projector[identity]
 
 
-def feature_manifest(
-    checkpoint_id: str,
-    dataset: ImageDataset,
-    settings: FeatureSettings,
-    gradients: PerSampleGradients,
-    projector: Any,
-) -> dict[str, Any]:
-    """Everything that determines the rows; a store whose manifest differs is refused."""
+def feature_description(settings: FeatureSettings) -> dict[str, Any]:
+    """The semantic settings of a store (its manifest's ``features`` section): what changes the rows, in the keys
+    stores have always recorded; batch size, workers, activation budget and timestep_batch are left out."""
     described = {
         k: v for k, v in asdict(settings).items() if k not in {*NOT_RECORDED, "projector", *DRAW_KEYS}
     }
@@ -221,35 +224,82 @@ def feature_manifest(
         projector_seed=chosen.seed,
         projector_options=chosen.options,
     )
+    return described
+
+
+def feature_manifest(
+    checkpoint_id: str,
+    dataset: ImageDataset,
+    settings: FeatureSettings,
+    gradients: PerSampleGradients,
+    projector: Any,
+) -> dict[str, Any]:
+    """Everything that determines the rows; a store whose manifest differs is refused."""
     return {
         "checkpoint": checkpoint_id,
         **dataset_identity(dataset),
-        "features": described,
+        "features": feature_description(settings),
         "gradients": gradients.describe(),
         "projector": projector.describe(),
         "package_version": __version__,
     }
 
 
+def _short_hash(described: dict[str, Any]) -> str:
+    return "-" + hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def draw_suffix(settings: FeatureSettings) -> str:
-    """ "" for one-draw settings, else "-<10 hex digits of a hash of the draw settings>": what tells the folders of
-    other draws apart (feature stores here; score folders may use it too)."""
+    """ "" for one-draw settings, else "-<10 hex digits of a hash of the draw settings>": the home of other draws
+    (see the module docstring)."""
     draws = settings.draw_settings()
-    if not draws:
-        return ""
-    return "-" + hashlib.sha256(json.dumps(draws, sort_keys=True).encode()).hexdigest()[:10]
+    return _short_hash(draws) if draws else ""
+
+
+def settings_suffix(settings: FeatureSettings) -> str:
+    """ "-<10 hex digits of a hash of every semantic setting but the name>": the folder of settings whose home holds
+    stores of other settings."""
+    described = {k: v for k, v in feature_description(settings).items() if k != "name"}
+    return _short_hash(described)
+
+
+def _held_settings(folder: Path) -> list[dict[str, Any]]:
+    """The ``features`` sections of the stores under ``folder`` (one per key: train, val, ...)."""
+    held = []
+    for manifest in sorted(Path(folder).glob("*/manifest.json")):
+        try:
+            held.append(json.loads(manifest.read_text()).get("features"))
+        except (OSError, ValueError):
+            continue  # a damaged manifest is named when that store is opened, not here
+    return held
+
+
+def _suffix_in(parent: Path, name: str, settings: FeatureSettings) -> str:
+    """The suffix of ``settings``'s folder among the feature sets ``<parent>/<name>*``."""
+    home = draw_suffix(settings)
+    held = _held_settings(parent / (name + home))
+    described = json.loads(json.dumps(feature_description(settings)))  # as a manifest reads back
+    if not held or described in held:
+        return home
+    return settings_suffix(settings)
+
+
+def store_suffix(features_dir: Path, settings: FeatureSettings) -> str:
+    """What follows ``settings.name`` in the folder of its stores under ``features_dir`` ("" for the plain folder):
+    the attribute stage appends the same to the method's score folder, so scores of other settings coexist too."""
+    return _suffix_in(Path(features_dir), settings.name, settings)
 
 
 def store_folder(folder: Path, settings: FeatureSettings) -> Path:
     """Where the store of ``settings`` lives, given the folder of its feature set's name and key
-    (``<features_dir>/<name>/<key>``): there for one-draw settings, else ``<name>-<hash of the draw settings>/<key>``
-    beside it (see the module docstring)."""
+    (``<features_dir>/<name>/<key>``): there, or in ``<name>-<hash>/<key>`` beside it (see the module docstring)."""
     folder = Path(folder)
-    suffix = draw_suffix(settings)
+    if not folder.parent.name:  # a bare relative folder: the suffix goes on the folder itself
+        suffix = draw_suffix(settings)
+        return folder.with_name(folder.name + suffix) if suffix else folder
+    suffix = _suffix_in(folder.parent.parent, folder.parent.name, settings)
     if not suffix:
         return folder
-    if not folder.parent.name:  # a bare relative folder: the suffix goes on the folder itself
-        return folder.with_name(folder.name + suffix)
     return folder.parent.with_name(folder.parent.name + suffix) / folder.name
 
 

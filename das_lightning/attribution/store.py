@@ -1,4 +1,8 @@
-"""The feature store: one folder per feature set, resumable, shared by the ranks of a DDP run.
+"""The feature store: one folder per feature set and settings, resumable, shared by the ranks of a DDP run.
+
+Which folder holds the store of given settings (``<name>`` or ``<name>-<hash>`` beside it, so stores of different
+settings coexist) is decided in one place, ``features.store_folder``; here a folder holds one store and refuses rows
+made otherwise.
 
     <folder>/features.npy     N x k array (fp32 or fp16), memory-mapped; row i is dataset index i
     <folder>/row_digests.npy  N x 16 bytes: BLAKE2b of each finished row's bytes
