@@ -1,13 +1,16 @@
 """LDS benchmark at CPU scale: runs experiment=fashion2_lds end to end and records the table.
 
-    python benchmarks/lds_fashion2.py [--root outputs/bench] [--subsets 32] [--workers 2]
+    python benchmarks/lds_fashion2.py [--root outputs/bench] [--subsets 64] [--seeds 0 1] [--workers 2]
 
 Stages (each a normal command, so a failed or interrupted run resumes where it stopped): train the full models
 (seed 0, the primary, and seeds 1-3 for the ensembles; snapshots every 125 steps for the checkpoint ensemble), train
-the subset models (Hydra multiruns in ``--workers`` parallel single-thread processes: on 2 cores two one-thread
-workers train about five times faster than one default-thread process beside other work), attribute with every
-method and ensemble, evaluate. Subset models of one seed share it (METHOD.md §3); lambda (and EK-FAC's damping) is on
-the features' own scale (das_lightning/lambdas.py). Writes benchmarks/results/lds_fashion2.json (records + paired
+the subset models once per ground-truth training seed r of ``--seeds`` (Hydra multiruns in ``--workers`` parallel
+single-thread processes: on 2 cores two one-thread workers train about five times faster than one default-thread
+process beside other work), attribute with every method and ensemble, evaluate, and export the LDS bundle
+(``--bundle``, committed: ``python evaluate_lds.py bundle=benchmarks/bundles/fashion2`` reproduces the tables from it
+without training). Subset models of one seed r share it (METHOD.md §3); the ground truth averages the R seeds' losses
+and the interval resamples seeds too (das_lightning/evaluation/intervals.py). lambda (and EK-FAC's damping) is on the
+features' own scale (das_lightning/lambdas.py). Writes benchmarks/results/lds_fashion2.json (records + paired
 differences + machine, date, stage times), benchmarks/results/lds_fashion2.md and the LDS-vs-number-of-models plot
 benchmarks/results/lds_vs_models.png. The table of the first protocol (own seed per subset model, absolute lambda
 grid) is kept as lds_fashion2_v1_own_seeds_absolute_grid.{json,md}.
@@ -19,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -105,7 +109,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--root", default="outputs/bench", help="paths.root for every artifact")
-    parser.add_argument("--subsets", type=int, default=32, help="number of LDS subsets M")
+    parser.add_argument("--subsets", type=int, default=64, help="number of LDS subsets M")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1], help="training seeds r of the subset models (R = 2)"
+    )
+    parser.add_argument(
+        "--bundle", default="benchmarks/bundles/fashion2", help="where the LDS bundle is exported ('' = not)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="parallel single-thread subset trainers")
     args = parser.parse_args()
     common = [
@@ -126,7 +136,14 @@ def main() -> None:
     run_parallel(
         "train subset models",
         [
-            ["train.py", "-m", *common, "subset=lds", f"subset.index={','.join(map(str, chunk))}"]
+            [
+                "train.py",
+                "-m",
+                *common,
+                "subset=lds",
+                f"subset.index={','.join(map(str, chunk))}",
+                f"seed={','.join(map(str, args.seeds))}",
+            ]
             for chunk in chunks
             if chunk
         ],
@@ -134,11 +151,17 @@ def main() -> None:
     )
     for name, overrides in ATTRIBUTIONS.items():
         run(f"attribute {name}", ["attribute.py", *common, *overrides], timings)
-    run(
-        "evaluate",
-        ["evaluate_lds.py", *common, f"lds.num_subsets={args.subsets}", f"methods=[{','.join(METHODS)}]"],
-        timings,
-    )
+    evaluate = [
+        "evaluate_lds.py",
+        *common,
+        f"lds.num_subsets={args.subsets}",
+        f"lds.seeds=[{','.join(map(str, args.seeds))}]",
+        f"methods=[{','.join(METHODS)}]",
+    ]
+    if args.bundle:
+        shutil.rmtree(REPO / args.bundle, ignore_errors=True)  # the bundle of this run replaces the last one
+        evaluate.append(f"export_bundle={args.bundle}")
+    run("evaluate", evaluate, timings)
     total = round(time.perf_counter() - started, 1)
 
     lds_dir = REPO / args.root / "fashion2" / "tiny" / "lds" / "full-seed0"
@@ -146,7 +169,7 @@ def main() -> None:
     document["benchmark"] = {
         "command": (
             f"python benchmarks/lds_fashion2.py --root {args.root} --subsets {args.subsets} "
-            f"--workers {args.workers}"
+            f"--seeds {' '.join(map(str, args.seeds))} --workers {args.workers}"
         ),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
