@@ -37,7 +37,7 @@ from das_lightning.attribution.grads import PEAK_PER_SAVED_BYTE, vmap_chunks
 from das_lightning.attribution.kernel_solver import KernelSolver
 from das_lightning.attribution.methods import build_method
 from das_lightning.attribution.methods.base import Method
-from das_lightning.attribution.methods.kernel import KernelMethod
+from das_lightning.attribution.methods.kernel import KernelMethod, psi_settings
 from das_lightning.attribution.projectors import DenseProjector, SparseJLProjector, projector_class
 from das_lightning.attribution.settings import DASSettings, EKFACSettings, LambdaSettings, MethodSettings
 from das_lightning.attribution.store import DTYPES, npy_bytes, store_layout
@@ -488,8 +488,8 @@ def _plan_features(
     if isinstance(method, DASSettings) and method.residual == "exact":
         sets["train-psi"] = n  # the train set's own loss gradients (psi), a second train store
     for key, rows in sets.items():
-        name = f"{features.name}-psi" if key == "train-psi" else features.name
-        folder = store_folder(paths.features_dir / name / key.removesuffix("-psi"), features)
+        chosen = psi_settings(features) if key == "train-psi" else features  # the psi store: its own
+        folder = store_folder(paths.features_dir / chosen.name / key.removesuffix("-psi"), chosen)
         plan.add(
             f"store_bytes.{key}",
             f"feature store ({key})",
