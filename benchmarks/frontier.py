@@ -1,7 +1,7 @@
 """The frontier: held-out LDS against attribution wall time, per method, draw budget, sampling and projector
 (issue 18 item 5), on the subset models of the LDS benchmark (benchmarks/lds_fashion2.py).
 
-    python benchmarks/frontier.py [--root outputs/bench] [--subsets 64] [--seeds 0 1 2]
+    python benchmarks/frontier.py [--root outputs/bench] [--subsets M] [--seeds 0 1]
         [--points 'das-*' ...] [--redo] [--dry-run] [--list]
 
 Each point is one attribution setting: a method (das, dtrak, trak, ekfac), a budget of (t, eps) draws per image
@@ -172,11 +172,15 @@ def attribute_command(args: argparse.Namespace, point: Point, root: Path) -> lis
 
 
 def evaluate_command(args: argparse.Namespace, root: Path, folder: str) -> list[str]:
+    protocol = []  # the experiment's own LDS protocol unless --subsets / --seeds say otherwise
+    if args.subsets is not None:
+        protocol.append(f"lds.num_subsets={args.subsets}")
+    if args.seeds is not None:
+        protocol.append(f"lds.seeds=[{','.join(map(str, args.seeds))}]")
     return [
         "evaluate_lds.py",
         *common_overrides(args, root),
-        f"lds.num_subsets={args.subsets}",
-        f"lds.seeds=[{','.join(map(str, args.seeds))}]",
+        *protocol,
         f"methods=[{folder},{args.reference}]",
         f"pairs=[[{folder},{args.reference}]]",
     ]
@@ -298,7 +302,8 @@ def markdown(document: dict) -> str:
         "",
         f"{document['command']}  ",
         f"{document['machine']['cpu']}, {document['machine']['cores']} cores, default threads; root "
-        f"{document['root']}, {document['subsets']} subsets x seeds {document['seeds']}; "
+        f"{document['root']}, {document['subsets'] or 'all'} subsets x seeds {document['seeds'] or 'all'} "
+        "(none given: the experiment's); "
         f"differences against `{document['reference']}` (today's default DAS, the root's scores), paired bootstrap",
         "",
         "seconds: attribute.py from nothing (one process: features of train + query sets, kernel or factors, "
@@ -416,9 +421,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", default="fashion2", help="the experiment's dataset.name")
     parser.add_argument("--model", default="tiny", help="the experiment's model.name")
     parser.add_argument("--seed", type=int, default=0, help="the full model attributed")
-    parser.add_argument("--subsets", type=int, default=64, help="number of LDS subsets M")
+    parser.add_argument("--subsets", type=int, default=None, help="LDS subsets M (default: the experiment's)")
     parser.add_argument(
-        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="subset models' training seeds"
+        "--seeds", type=int, nargs="+", default=None, help="subset models' seeds (default: the experiment's)"
     )
     parser.add_argument(
         "--reference", default="das", help="the root's score folder the points are paired with"
