@@ -9,7 +9,7 @@ meaningful: each stage sealed its artifacts, the scores are finite over the trim
 lds.json and warned about the subset count.
 
 Slow (minutes per case on 2 cores): ``python -m pytest -m slow tests/test_paper_experiments.py``.
-``DAS_PAPER_TIMINGS=FILE`` appends each stage's wall time and peak RSS (JSON lines) to FILE (docs/scale.md).
+``DAS_PAPER_TIMINGS=FILE`` appends each stage's wall time, CPU time and peak RSS (JSON lines) to FILE (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ _MEASURE = (
     "start = time.perf_counter()\n"
     "child = subprocess.Popen(sys.argv[2:])\n"
     "_, status, usage = os.wait4(child.pid, 0)\n"
-    "record = {'wall_s': time.perf_counter() - start, 'peak_rss_mib': usage.ru_maxrss / 1024}\n"
+    "record = {'wall_s': time.perf_counter() - start, 'cpu_s': usage.ru_utime + usage.ru_stime,\n"
+    "          'peak_rss_mib': usage.ru_maxrss / 1024}\n"
     "open(sys.argv[1], 'w').write(json.dumps(record))\n"
     "sys.exit(os.waitstatus_to_exitcode(status))\n"
 )
