@@ -61,10 +61,8 @@ class PaperCase:
 
     experiment: str
     write_data: Callable[[Path], Path]  # writes the official files under a folder, returns dataset.root
-    network: Callable[[], str] | None = (
-        None  # an override naming a network the test cannot build (skips without)
-    )
     num_train: int  # training images kept (dataset.num_train: class-stratified)
+    network: Callable[[], str] | None = None  # a network the test cannot build: its override, or skip
     query_sets: tuple[str, ...] = ("val", "generated")
     extra: tuple[str, ...] = ()  # overrides for every stage (dataset choice, model settings)
     train_extra: tuple[str, ...] = ()
