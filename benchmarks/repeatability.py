@@ -15,7 +15,8 @@ method, else the method's ``lambda_scale``), it reports
 - the variance ratio by decile of |score| (ascending): per query, the training rows are ranked by the |mean over
   repeats| of their score and cut into ten equal groups; per group, the sum over its rows (and all queries) of the
   across-repeat variance (ddof 1) over the sum of the squared repeat means. SNR-LDS's figure (16 repeats, the DAS
-  authors' CIFAR-2): 19.7, 2.94, 1.04, 0.52, 0.32, 0.21, 0.15, 0.10, 0.09, 0.05: below 1 the signal dominates;
+  authors' CIFAR-2): 19.7, 2.94, 1.04, 0.52, 0.32, 0.21, 0.15, 0.10, 0.09, 0.05: below 1 the signal dominates,
+  and rows of pure noise read about R (the repeat mean keeps 1/R of the variance): compare at the same R;
 - the mean Spearman between repeats (over queries and pairs of repeats) of each query's scores over the training set.
 
 Writes benchmarks/results/repeatability.{json,md} and repeatability.png (``--name`` changes the stem). Resumable: a
