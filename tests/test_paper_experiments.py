@@ -123,7 +123,7 @@ CASES = {
 
 def run_stage(script: str, overrides: list[str], cwd: Path, label: str) -> subprocess.CompletedProcess:
     """Run an entry point in a subprocess; its wall time and peak RSS go to DAS_PAPER_TIMINGS when set."""
-    record_file = cwd / f".measure-{label}.json"
+    record_file = cwd / f".measure-{label.replace('/', '-')}.json"
     command = [
         sys.executable,
         "-c",
