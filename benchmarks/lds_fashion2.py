@@ -19,6 +19,7 @@ grid) is kept as lds_fashion2_v1_own_seeds_absolute_grid.{json,md}.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import platform
@@ -114,6 +115,12 @@ def main() -> None:
         "--seeds", type=int, nargs="+", default=[0, 1], help="training seeds r of the subset models (R = 2)"
     )
     parser.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        help="score-folder names (fnmatch patterns, e.g. 'ekfac*') neither attributed nor evaluated",
+    )
+    parser.add_argument(
         "--bundle", default="benchmarks/bundles/fashion2", help="where the LDS bundle is exported ('' = not)"
     )
     parser.add_argument("--workers", type=int, default=2, help="parallel single-thread subset trainers")
@@ -149,14 +156,15 @@ def main() -> None:
         ],
         timings,
     )
-    for name, overrides in ATTRIBUTIONS.items():
-        run(f"attribute {name}", ["attribute.py", *common, *overrides], timings)
+    methods = [name for name in METHODS if not any(fnmatch.fnmatch(name, skip) for skip in args.skip)]
+    for name in methods:
+        run(f"attribute {name}", ["attribute.py", *common, *ATTRIBUTIONS[name]], timings)
     evaluate = [
         "evaluate_lds.py",
         *common,
         f"lds.num_subsets={args.subsets}",
         f"lds.seeds=[{','.join(map(str, args.seeds))}]",
-        f"methods=[{','.join(METHODS)}]",
+        f"methods=[{','.join(methods)}]",
     ]
     if args.bundle:
         shutil.rmtree(REPO / args.bundle, ignore_errors=True)  # the bundle of this run replaces the last one
@@ -170,6 +178,7 @@ def main() -> None:
         "command": (
             f"python benchmarks/lds_fashion2.py --root {args.root} --subsets {args.subsets} "
             f"--seeds {' '.join(map(str, args.seeds))} --workers {args.workers}"
+            + (f" --skip {' '.join(args.skip)}" if args.skip else "")
         ),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
