@@ -121,6 +121,11 @@ def main() -> None:
         help="score-folder names (fnmatch patterns, e.g. 'ekfac*') neither attributed nor evaluated",
     )
     parser.add_argument(
+        "--evaluate-only",
+        action="store_true",
+        help="only the evaluation (the models and score folders of an earlier run are there: skip their reuse checks)",
+    )
+    parser.add_argument(
         "--bundle", default="benchmarks/bundles/fashion2", help="where the LDS bundle is exported ('' = not)"
     )
     parser.add_argument("--workers", type=int, default=2, help="parallel single-thread subset trainers")
@@ -133,13 +138,14 @@ def main() -> None:
     ]
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    for seed in FULL_SEEDS:
+    for seed in [] if args.evaluate_only else FULL_SEEDS:
         run(
             f"train full model seed {seed}",
             ["train.py", *common, f"seed={seed}", f"train.snapshot_every_n_steps={SNAPSHOT_EVERY}"],
             timings,
         )
     chunks = [list(range(args.subsets))[w :: args.workers] for w in range(args.workers)]
+    chunks = [] if args.evaluate_only else chunks
     run_parallel(
         "train subset models",
         [
@@ -157,7 +163,7 @@ def main() -> None:
         timings,
     )
     methods = [name for name in METHODS if not any(fnmatch.fnmatch(name, skip) for skip in args.skip)]
-    for name in methods:
+    for name in [] if args.evaluate_only else methods:
         run(f"attribute {name}", ["attribute.py", *common, *ATTRIBUTIONS[name]], timings)
     evaluate = [
         "evaluate_lds.py",
@@ -179,6 +185,7 @@ def main() -> None:
             f"python benchmarks/lds_fashion2.py --root {args.root} --subsets {args.subsets} "
             f"--seeds {' '.join(map(str, args.seeds))} --workers {args.workers}"
             + (f" --skip {' '.join(args.skip)}" if args.skip else "")
+            + (" --evaluate-only" if args.evaluate_only else "")
         ),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
