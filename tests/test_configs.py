@@ -102,10 +102,14 @@ def test_paper_experiments_choose_the_sparse_projector_and_the_command_line_stil
     on the command line overrides the preset's."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         for name in ("train", "evaluate_lds"):
-            assert compose(config_name=name, overrides=[f"experiment={experiment}"]).projector.kind == "sparse"
+            assert (
+                compose(config_name=name, overrides=[f"experiment={experiment}"]).projector.kind == "sparse"
+            )
         chosen = compose(config_name="attribute", overrides=[f"experiment={experiment}"])
         assert chosen.method.features.projector.kind == "sparse"
-        named = compose(config_name="attribute", overrides=[f"experiment={experiment}", "projector=trak_cuda"])
+        named = compose(
+            config_name="attribute", overrides=[f"experiment={experiment}", "projector=trak_cuda"]
+        )
         assert named.method.features.projector.kind == "trak_cuda"
         default = compose(config_name="attribute", overrides=[])
         assert default.method.features.projector.kind == "dense"  # the CPU-scale default is unchanged

@@ -1,43 +1,54 @@
-"""The kronfluence side of EK-FAC influence: the diffusion loss as a kronfluence ``Task``, factor fitting, the
-curvature's scale, and pairwise scores (used by :mod:`das_lightning.attribution.methods.ekfac`).
+"""The kronfluence side of EK-FAC influence (used by :mod:`das_lightning.attribution.methods.ekfac`): the diffusion
+loss as a kronfluence ``Task``, factor fitting, reading the fitted factors back, and kronfluence's own per-damping
+pairwise scores (the reference the one-pass scores of the method entry are tested against).
 
 This module imports kronfluence at the top; the method entry imports it lazily, so the package imports without
 kronfluence (``pip install --no-deps 'kronfluence==1.0.1'``).
 
 The loss of one training image x with identity (set_name, index) is the diffusion loss averaged over the method's
-K feature timesteps, with the noise of the shared rule :func:`~das_lightning.diffusion.rule_noise`:
+draws: its K feature timesteps, each with D noise draws (``features.draws_per_timestep``, antithetic pairs with
+``features.antithetic``; D = 1 by default), the noise of the shared rule :func:`~das_lightning.diffusion.rule_noise`:
 
-    L(x) = (1/K) sum_{t in T} mean_pixels (eps_theta(x_t, t) - eps_t)^2,   eps_t = rule_noise(set_name, index, t, e_seed)
+    L(x) = (1/(K D)) sum_{(t, d)} mean_pixels (eps_theta(x_t, t) - eps_{t,d})^2
 
-so EK-FAC differentiates exactly what TRAK's features differentiate. The network is called once per timestep on
-the whole batch (K calls per batch): kronfluence then sums a module's K per-call gradients into the image's
-gradient (``has_shared_parameters=True``) and keeps one score row per image.
+so EK-FAC fits the curvature of exactly the loss whose gradients TRAK's features (``normalize: none``) take. The
+network is called once per draw on the whole batch (K D calls per batch): kronfluence then sums a module's per-call
+gradients into the image's gradient (``has_shared_parameters=True``).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
+from kronfluence.factor.eigen import load_eigendecomposition, load_lambda_matrices
 from kronfluence.task import Task
 from kronfluence.utils.constants import (
     ACTIVATION_EIGENVALUES_NAME,
+    ACTIVATION_EIGENVECTORS_NAME,
     ALL_MODULE_NAME,
+    FACTOR_SAVE_PREFIX,
     GRADIENT_EIGENVALUES_NAME,
+    GRADIENT_EIGENVECTORS_NAME,
     LAMBDA_MATRIX_NAME,
     NUM_LAMBDA_PROCESSED,
 )
 from kronfluence.utils.dataset import DataLoaderKwargs
+from kronfluence.utils.state import State
 from torch import nn
 from torch.utils.data import Dataset
 
+from das_lightning.attribution.grads import draw_noise
 from das_lightning.attribution.output_functions import batched_output
+from das_lightning.attribution.timesteps import Draw, draw_plan
 from das_lightning.diffusion import add_noise, rule_noise
 from das_lightning.errors import ConfigError
 
@@ -54,7 +65,8 @@ def tracked_module_names(network: nn.Module, param_pattern: str | None = None) -
     ``param_pattern=None``: every such module with a parameter that requires grad (as
     :func:`~das_lightning.attribution.grads.select_parameters`). Otherwise every such module with a parameter whose
     full name matches the regular expression (``re.search``), e.g. ``lora_`` for the LoRA weights. A module is
-    tracked whole (weight and bias): kronfluence's curvature is per module.
+    tracked whole (weight and bias): kronfluence's curvature is per module. A grouped convolution is refused:
+    kronfluence's factors average its input over the groups, which is not the gradient our scores use.
     """
     regex = None if param_pattern is None else re.compile(param_pattern)
     names = []
@@ -67,6 +79,11 @@ def tracked_module_names(network: nn.Module, param_pattern: str | None = None) -
         else:
             selected = any(regex.search(f"{module_name}.{name}") for name, _ in parameters)
         if selected:
+            if isinstance(module, nn.Conv2d) and module.groups != 1:
+                raise ConfigError(
+                    f"EK-FAC cannot track the grouped convolution {module_name} (groups={module.groups}): "
+                    "kronfluence averages its input over the groups; leave it out with features.param_pattern"
+                )
             names.append(module_name)
     if not names:
         raise ConfigError(
@@ -87,8 +104,8 @@ def _prediction(output: Any) -> torch.Tensor:
 
 
 class DiffusionTask(Task):
-    """The diffusion loss over the method's timesteps for kronfluence (train loss, summed over the batch), and the
-    measurement on a query (one of the output functions, averaged over the same timesteps and noise rule).
+    """The diffusion loss over the method's draws for kronfluence (train loss, summed over the batch), and the
+    measurement on a query (one of the output functions, averaged over the same draws and noise rule).
 
     Training images are keyed by ``train_set_name``, queries by ``query_set_name``, and each by the ``index`` its
     dataset gives it (batches are dataset items collated: ``{"image", "index", "label"}``).
@@ -96,11 +113,12 @@ class DiffusionTask(Task):
     ``sample=True`` (the true Fisher) replaces the target by y = eps_theta.detach() + sqrt(d/2) z with z ~ N(0, I):
     the gradient of mean_pixels (eps_theta - y)^2 is then -sqrt(2/d) J^T z, whose expected outer product is the
     Gauss-Newton matrix J^T (2/d) J of the loss. z is drawn by the noise rule under the set name
-    ``<set_name>:fisher``, so the fit does not depend on batch order or size.
+    ``<set_name>:fisher`` and the draw's position at its timestep, so the fit does not depend on batch order or
+    size (and the two draws of an antithetic pair get two samples).
     """
 
-    # kronfluence 1.0.1's pairwise-score hook, without a per-sample post-process, keeps only ONE of a module's K
-    # per-timestep calls (it overwrites the score and drops the other hooks); with one, it sums all K. The
+    # kronfluence 1.0.1's pairwise-score hook, without a per-sample post-process, keeps only ONE of a module's
+    # per-draw calls (it overwrites the score and drops the other hooks); with one, it sums them all. The
     # post-process itself is the identity. tests/test_ekfac.py checks the sum against our own gradients.
     enable_post_process_per_sample_gradient = True
 
@@ -114,11 +132,13 @@ class DiffusionTask(Task):
         measurement: str = "loss",
         tracked_modules: Sequence[str] | None = None,
         extra_inputs: ExtraInputs | None = None,
+        draws_per_timestep: int = 1,
+        antithetic: bool = False,
     ) -> None:
         if len(timesteps) == 0:
             raise ConfigError("EK-FAC needs at least one timestep")
         self.alphas_cumprod = alphas_cumprod.detach()
-        self.timesteps = [int(t) for t in timesteps]
+        self.draws: list[Draw] = draw_plan([int(t) for t in timesteps], int(draws_per_timestep), antithetic)
         self.e_seed = int(e_seed)
         self.train_set_name = train_set_name
         self.query_set_name = query_set_name
@@ -128,61 +148,81 @@ class DiffusionTask(Task):
 
     def _predictions(
         self, batch: Mapping[str, torch.Tensor], model: nn.Module, set_name: str
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(timesteps (B,), predicted noise (B, ...), true noise (B, ...)) for each timestep, one network call each."""
+    ) -> Iterator[tuple[Draw, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(draw, timesteps (B,), predicted noise (B, ...), true noise (B, ...)) for each draw, one network call
+        each."""
         images = batch["image"]
-        indices = batch["index"]
+        indices = [int(i) for i in batch["index"].tolist()]
         device = images.device
         extra = {}
         if self.extra_inputs is not None:
             extra = {key: value.to(device) for key, value in self.extra_inputs(batch).items()}
         alphas_cumprod = self.alphas_cumprod.to(device)
-        for timestep in self.timesteps:
-            steps = torch.full((images.shape[0],), timestep, dtype=torch.long, device=device)
-            # same noise as the features and the LDS ground truth: keyed by the image's identity
-            noise = rule_noise(set_name, indices, steps, self.e_seed, images.shape[1:], device, images.dtype)
+        for draw in self.draws:
+            steps = torch.full((images.shape[0],), draw.timestep, dtype=torch.long, device=device)
+            # same noise as the features and the LDS ground truth: keyed by the image's identity (and draw)
+            noise = draw_noise(
+                set_name, indices, [draw] * len(indices), self.e_seed, images.shape[1:], device, images.dtype
+            )
             noisy = add_noise(images, noise, steps, alphas_cumprod)
-            yield steps, _prediction(model(noisy, steps, **extra)).float(), noise.float()
+            yield draw, steps, _prediction(model(noisy, steps, **extra)).float(), noise.float()
 
     def compute_train_loss(
         self, batch: Mapping[str, torch.Tensor], model: nn.Module, sample: bool = False
     ) -> torch.Tensor:
         total = 0.0
-        for steps, predicted, noise in self._predictions(batch, model, self.train_set_name):
+        for draw, steps, predicted, noise in self._predictions(batch, model, self.train_set_name):
             target = noise
             if sample:
                 pixels = predicted[0].numel()
-                draw = rule_noise(
+                sampled = rule_noise(
                     f"{self.train_set_name}:fisher",
                     batch["index"],
                     steps,
                     self.e_seed,
                     predicted.shape[1:],
                     predicted.device,
+                    draws=draw.draw,
                 )
-                target = predicted.detach() + math.sqrt(pixels / 2.0) * draw
+                target = predicted.detach() + math.sqrt(pixels / 2.0) * sampled
             total = total + (predicted - target).pow(2).flatten(1).mean(dim=1).sum()
-        return total / len(self.timesteps)
+        return total / len(self.draws)
 
     def compute_measurement(self, batch: Mapping[str, torch.Tensor], model: nn.Module) -> torch.Tensor:
         if self.query_set_name is None:
             raise RuntimeError("DiffusionTask.query_set_name must be set before measuring queries")
         total = 0.0
-        for _, predicted, noise in self._predictions(batch, model, self.query_set_name):
+        for _, _, predicted, noise in self._predictions(batch, model, self.query_set_name):
             total = total + batched_output(self.measurement, predicted, noise).sum()
-        return total / len(self.timesteps)
+        return total / len(self.draws)
 
     def get_influence_tracked_modules(self) -> list[str] | None:
         return self.tracked_modules
 
 
 def factor_arguments(strategy: str, fisher: str) -> FactorArguments:
-    """kronfluence's factor settings: ``has_shared_parameters`` because a module runs once per timestep."""
+    """kronfluence's factor settings: ``has_shared_parameters`` because a module runs once per draw."""
     return FactorArguments(
         strategy=strategy,
         use_empirical_fisher=fisher == "empirical",
         has_shared_parameters=True,
     )
+
+
+@contextmanager
+def _one_process_state() -> Iterator[None]:
+    """kronfluence's process state, made for this process alone.
+
+    kronfluence runs its own DDP (all-reduces inside the fit) when ``LOCAL_RANK`` is set on a GPU machine, which
+    Lightning sets in every rank it launches; the attribute stage fits on one rank while the others wait, so
+    kronfluence must see one process. Its state is a process-wide singleton, remade here without LOCAL_RANK."""
+    local_rank = os.environ.pop("LOCAL_RANK", None)
+    State._reset_state()
+    try:
+        yield
+    finally:
+        if local_rank is not None:
+            os.environ["LOCAL_RANK"] = local_rank
 
 
 def make_analyzer(
@@ -193,18 +233,20 @@ def make_analyzer(
     cpu: bool,
     progress_bar: bool = False,
 ) -> Analyzer:
-    """An analyzer of a COPY of ``network`` (kronfluence wraps modules in place and freezes parameters)."""
+    """An analyzer of a COPY of ``network`` (kronfluence wraps modules in place and freezes parameters), running
+    in this process alone (see :func:`_one_process_state`)."""
     import copy
 
     prepared = prepare_model(copy.deepcopy(network), task)
-    return Analyzer(
-        analysis_name=analysis_name,
-        model=prepared,
-        task=task,
-        cpu=cpu,
-        disable_tqdm=not progress_bar,
-        output_dir=str(output_dir),
-    )
+    with _one_process_state():
+        return Analyzer(
+            analysis_name=analysis_name,
+            model=prepared,
+            task=task,
+            cpu=cpu,
+            disable_tqdm=not progress_bar,
+            output_dir=str(output_dir),
+        )
 
 
 def fit_factors(analyzer: Analyzer, train_set: Dataset, strategy: str, fisher: str, batch_size: int) -> None:
@@ -219,25 +261,35 @@ def fit_factors(analyzer: Analyzer, train_set: Dataset, strategy: str, fisher: s
     )
 
 
-def curvature_eigenvalues(analyzer: Analyzer, strategy: str) -> torch.Tensor | None:
-    """Every eigenvalue of the fitted curvature, all tracked modules concatenated (float64); None for ``identity``.
+def load_factors(analysis_folder: Path, strategy: str) -> dict[str, dict[str, torch.Tensor | None]]:
+    """The fitted curvature of each tracked module, read from the fit's files (no analyzer needed):
 
-    ekfac and diagonal: the Lambda matrices divided by the number of examples (what kronfluence damps);
-    kfac: the Kronecker products of the two covariance eigenvalue vectors."""
+    ``{module: {"activation_eigenvectors", "gradient_eigenvectors", "eigenvalues"}}``, eigenvalues (d_out,
+    d_in [+ 1 bias column]) in float64 and already per example as kronfluence damps them (the Lambda matrix over
+    the number of examples for ekfac and diagonal, the outer product of the two covariances' eigenvalues for kfac),
+    eigenvectors None where the strategy does not rotate (diagonal). ``{}`` for identity."""
     if strategy == "identity":
-        return None
-    if strategy == "kfac":
-        factors = analyzer.load_eigendecomposition(FACTORS_NAME)
-        activation, gradient = factors[ACTIVATION_EIGENVALUES_NAME], factors[GRADIENT_EIGENVALUES_NAME]
-        return torch.cat(
-            [
-                torch.outer(gradient[name].double(), activation[name].double()).flatten()
-                for name in sorted(activation)
-            ]
-        )
-    factors = analyzer.load_lambda_matrices(FACTORS_NAME)
-    lambdas, counts = factors[LAMBDA_MATRIX_NAME], factors[NUM_LAMBDA_PROCESSED]
-    return torch.cat([(lambdas[name].double() / counts[name].double()).flatten() for name in sorted(lambdas)])
+        return {}
+    folder = Path(analysis_folder) / (FACTOR_SAVE_PREFIX + FACTORS_NAME)
+    factors: dict[str, dict[str, torch.Tensor | None]] = {}
+    if strategy in ("ekfac", "kfac"):
+        eigen = load_eigendecomposition(folder)
+        for name in eigen[ACTIVATION_EIGENVECTORS_NAME]:
+            factors[name] = {
+                "activation_eigenvectors": eigen[ACTIVATION_EIGENVECTORS_NAME][name],
+                "gradient_eigenvectors": eigen[GRADIENT_EIGENVECTORS_NAME][name],
+                # kronfluence's kfac: kron(activation eigenvalues (row), gradient eigenvalues (column))
+                "eigenvalues": torch.outer(
+                    eigen[GRADIENT_EIGENVALUES_NAME][name].double(),
+                    eigen[ACTIVATION_EIGENVALUES_NAME][name].double(),
+                ),
+            }
+    if strategy in ("ekfac", "diagonal"):
+        lambdas = load_lambda_matrices(folder)
+        for name, matrix in lambdas[LAMBDA_MATRIX_NAME].items():
+            entry = factors.setdefault(name, {"activation_eigenvectors": None, "gradient_eigenvectors": None})
+            entry["eigenvalues"] = matrix.double() / lambdas[NUM_LAMBDA_PROCESSED][name].double()
+    return factors
 
 
 def pairwise_scores(
@@ -248,7 +300,9 @@ def pairwise_scores(
     damping: float,
     batch_size: int,
 ) -> torch.Tensor:
-    """(queries, train) kronfluence scores g_q^T (G + damping I)^-1 g_i, computed once per name, then reused."""
+    """kronfluence's own (queries, train) scores g_q^T (G + damping I)^-1 g_i: one pass over the training set per
+    damping value. The method scores with its one-pass path; this is the reference it is tested against (and what
+    benchmarks time it against)."""
     analyzer.compute_pairwise_scores(
         scores_name=scores_name,
         factors_name=FACTORS_NAME,
