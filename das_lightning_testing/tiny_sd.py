@@ -41,26 +41,10 @@ def build_tiny_sd_pipeline(
 
     The VAE halves the image once per block after the first: ``vae_channels=(8, 8, 16, 16)`` downsamples 8x as
     Stable Diffusion's does (256 px images, 32 x 32 latents)."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     torch.manual_seed(seed)
-    tokenizer_files = write_tiny_clip_tokenizer_files(folder.parent / f"{folder.name}-tokenizer-source")
-    # from_pretrained reads vocab.json + merges.txt with both the slow (transformers 4) and fast (5) tokenizers
-    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_files), model_max_length=MAX_TOKENS)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=TEXT_HIDDEN,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=MAX_TOKENS,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    tokenizer, text_encoder = _text_parts(folder, TEXT_HIDDEN)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -84,6 +68,79 @@ def build_tiny_sd_pipeline(
         attention_head_dim=4,
         cross_attention_dim=TEXT_HIDDEN,
     )
+    return _save_pipeline(folder, tokenizer, text_encoder, vae, unet)
+
+
+# Stable Diffusion 1.x's UNet and VAE, key for key where they differ from diffusers' defaults (CompVis/
+# stable-diffusion-v1-4 unet/config.json and vae/config.json). lambdalabs/miniSD-diffusers, the paper's ArtBench
+# network (METHOD.md §4), is v1.4 fine-tuned at 256 px: the same networks, 32 x 32 latents.
+SD1_UNET = {
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+    "norm_num_groups": 32,
+}
+SD1_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 256,
+}
+SD1_UNET_PARAMETERS = 859_520_964  # UNet2DConditionModel(**SD1_UNET): Stable Diffusion 1.x's 860M
+
+
+def build_sd1_shaped_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A random pipeline in miniSD's layout whose UNet and VAE are Stable Diffusion 1.x's networks
+    (:data:`SD1_UNET`, :data:`SD1_VAE`: 860M + 84M parameters, 3.8 GB on disk), so the ArtBench experiments run
+    offline on the paper-size UNet, where the LoRA adapters and every attribution gradient live. The frozen text
+    encoder keeps SD's width (768, the UNet's cross-attention size) but one layer and the character vocabulary of
+    :func:`write_tiny_clip_tokenizer_files`: CLIP's own vocabulary and weights cannot be made offline."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    tokenizer, text_encoder = _text_parts(folder, SD1_UNET["cross_attention_dim"])
+    vae, unet = AutoencoderKL(**SD1_VAE), UNet2DConditionModel(**SD1_UNET)
+    return _save_pipeline(folder, tokenizer, text_encoder, vae, unet)
+
+
+def _text_parts(folder: Path, text_hidden: int):
+    """The character tokenizer and a random one-layer CLIP text encoder of width ``text_hidden``."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tokenizer_files = write_tiny_clip_tokenizer_files(folder.parent / f"{folder.name}-tokenizer-source")
+    # from_pretrained reads vocab.json + merges.txt with both the slow (transformers 4) and fast (5) tokenizers
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_files), model_max_length=MAX_TOKENS)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=text_hidden,
+            intermediate_size=2 * text_hidden,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=MAX_TOKENS,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    return tokenizer, text_encoder
+
+
+def _save_pipeline(folder: Path, tokenizer, text_encoder, vae, unet) -> Path:
+    """SD 1.x's scheduler beside the parts, saved as a diffusers pipeline folder (safetensors)."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
     # Stable Diffusion 1.x's scheduler as pipelines ship it: PNDM with scaled-linear betas, no clip_sample key
     scheduler = PNDMScheduler(
         num_train_timesteps=1000,

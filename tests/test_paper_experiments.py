@@ -30,6 +30,7 @@ from das_lightning.artifacts import load_generated_queries, require_finished
 from das_lightning.attribution.pipeline import load_scores
 from das_lightning.paths import RunPaths
 from das_lightning_testing.official_formats import write_artbench, write_celeba, write_cifar10_binary
+from das_lightning_testing.tiny_sd import build_sd1_shaped_pipeline
 
 from conftest import REPO, compose, entry_env
 
@@ -62,7 +63,7 @@ class PaperCase:
     experiment: str
     write_data: Callable[[Path], Path]  # writes the official files under a folder, returns dataset.root
     num_train: int  # training images kept (dataset.num_train: class-stratified)
-    network: Callable[[], str] | None = None  # a network the test cannot build: its override, or skip
+    network: Callable[[Path], str] | None = None  # the model.pretrained override, given a cache folder
     query_sets: tuple[str, ...] = ("val", "generated")
     extra: tuple[str, ...] = ()  # overrides for every stage (dataset choice, model settings)
     train_extra: tuple[str, ...] = ()
@@ -82,15 +83,19 @@ def _artbench(root: Path) -> Path:
     return write_artbench(root / "artbench", per_style_train=2, per_style_test=2)
 
 
-def _minisd() -> str:
-    """The paper's ArtBench network is lambdalabs/miniSD-diffusers (860M-parameter UNet): a local copy of the
-    pipeline folder, named by DAS_MINISD, since nothing is downloaded in the tests."""
-    folder = os.environ.get("DAS_MINISD")
-    if not folder or not (Path(folder) / "model_index.json").is_file():
-        pytest.skip(
-            "set DAS_MINISD to a local lambdalabs/miniSD-diffusers folder to run the ArtBench experiments"
-        )
-    return f"model.pretrained={folder}"
+def _minisd(folder: Path) -> str:
+    """The paper's ArtBench network is lambdalabs/miniSD-diffusers: a local copy of that pipeline folder when
+    DAS_MINISD names one, else a random pipeline in its layout whose UNet and VAE are Stable Diffusion 1.x's
+    (860M-parameter UNet, das_lightning_testing/tiny_sd.py), written once per test session under ``folder``."""
+    local = os.environ.get("DAS_MINISD")
+    if local:
+        if not (Path(local) / "model_index.json").is_file():
+            pytest.fail(f"DAS_MINISD={local} is not a diffusers pipeline folder (no model_index.json)")
+        return f"model.pretrained={local}"
+    pipeline = folder / "sd1-shaped"
+    if not (pipeline / "model_index.json").is_file():
+        build_sd1_shaped_pipeline(pipeline)
+    return f"model.pretrained={pipeline}"
 
 
 CASES = {
@@ -151,9 +156,11 @@ def run_stage(script: str, overrides: list[str], cwd: Path, label: str) -> subpr
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_paper_experiment_runs_end_to_end_at_trimmed_size(name: str, tmp_path: Path) -> None:
+def test_paper_experiment_runs_end_to_end_at_trimmed_size(
+    name: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     case = CASES[name]
-    network = [case.network()] if case.network is not None else []
+    network = [case.network(tmp_path_factory.getbasetemp())] if case.network is not None else []
     data_root = case.write_data(tmp_path / "data")
     outputs = tmp_path / "outputs"
     common = [

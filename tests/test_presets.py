@@ -143,3 +143,33 @@ def test_the_benchmarks_build_by_name_the_network_the_config_builds(preset: str,
     with torch.device("meta"):
         by_name = build_unet(preset, sample_size=32, channels=3)
     assert _plain(by_name.config) == _plain(_build_meta(cfg.model.unet).config)
+
+
+def test_the_artbench_stand_in_is_stable_diffusion_1s_unet() -> None:
+    """The offline stand-in for miniSD (tests/test_paper_experiments.py without DAS_MINISD) builds SD 1.x's UNet:
+    its published parameter count (859,520,964), and model=sd_lora's rank-128 adapters attach to each of its
+    attention projections, rank x (inputs + outputs) weights each, the only trainable weights."""
+    from diffusers import UNet2DConditionModel
+
+    from das_lightning.models.sd_lora import (
+        LORA_PARAMETER_PATTERN,
+        LORA_TARGET_MODULES,
+        LoRASettings,
+        add_lora,
+    )
+    from das_lightning_testing.tiny_sd import SD1_UNET, SD1_UNET_PARAMETERS
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD1_UNET)
+    assert _parameters(unet) == SD1_UNET_PARAMETERS == 859_520_964
+    targets = [
+        module
+        for name, module in unet.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.endswith(tuple(f".{t}" for t in LORA_TARGET_MODULES))
+    ]
+    assert len(targets) == 128  # 16 transformer blocks x 2 attentions x 4 projections
+    with torch.device("meta"):
+        add_lora(unet, LoRASettings(rank=128))
+    trainable = {name: p.numel() for name, p in unet.named_parameters() if p.requires_grad}
+    assert all(LORA_PARAMETER_PATTERN in name for name in trainable)
+    assert sum(trainable.values()) == sum(128 * (m.in_features + m.out_features) for m in targets)
