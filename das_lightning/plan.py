@@ -24,7 +24,6 @@ on a GPU run; the free disk at ``paths.root``) and a warning names the lines tha
 
 from __future__ import annotations
 
-import math
 import shutil
 from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass, field
@@ -329,22 +328,22 @@ def kernel_memory(num_train: int, dim: int) -> tuple[int, str]:
     return 3 * dim**2 * FLOAT64, "kernel form: k x k float64 kernel, symmetrised copy, eigenvectors"
 
 
-def ekfac_passes(method: EKFACSettings, query_sizes: dict[str, int | None]) -> tuple[int | None, str]:
+def ekfac_passes(
+    method: EKFACSettings, query_sizes: dict[str, int | None], num_parameters: int | None
+) -> tuple[int | None, str]:
     """Passes over the training set of EK-FAC: kronfluence's factor stages that read the data (covariance, Lambda),
-    then, per query set and damping value, one pass per query batch (kronfluence scores a query batch against
-    every training batch; the identity strategy's scores serve every c)."""
+    then the scoring passes of :mod:`~das_lightning.attribution.methods.ekfac`: one for every query set and c,
+    more only when the rotated queries exceed its ``QUERY_GRADIENT_BYTES``."""
     from kronfluence.factor.config import FactorConfig, FactorStrategy
+
+    from das_lightning.attribution.methods.ekfac import scoring_passes
 
     strategy = FactorConfig.CONFIGS[FactorStrategy(method.ekfac_strategy)]
     fitting = int(strategy.requires_covariance_matrices) + int(strategy.requires_lambda_matrices)
-    dampings = 1 if method.ekfac_strategy == "identity" else score_rows(method)
-    batch = int(method.features.batch_size)
-    if any(size is None for size in query_sizes.values()):
-        return None, "query set sizes unknown"
-    scoring = sum(math.ceil(size / batch) for size in query_sizes.values()) * dampings
-    return fitting + scoring, (
-        f"{fitting} factor fitting + {dampings} damping value(s) x ceil(queries / {batch}) per query set"
-    )
+    if num_parameters is None or any(size is None for size in query_sizes.values()):
+        return None, "query set sizes or tracked parameters unknown"
+    scoring = scoring_passes([int(size) for size in query_sizes.values()], num_parameters)
+    return fitting + scoring, f"{fitting} factor fitting + {scoring} scoring (every query set, every c)"
 
 
 def attribute_plan(
@@ -416,15 +415,18 @@ def attribute_plan(
         plan.notes.append(
             f"Journey-TRAK: one generated-query store per denoising step (x {method.journey_steps})"
         )
-    # EK-FAC's factors and gradients are kronfluence's, not planned: no peak is claimed for it
-    peak = None if isinstance(method, EKFACSettings) else _peak_memory(plan)
     plan.add(
         "peak_memory",
         "estimated peak memory",
-        peak,
+        _peak_memory(plan),
         "bytes",
         "memory",
-        "weights + the larger of collection and scoring",
+        "weights + the larger of collection and scoring"
+        + (
+            " (EK-FAC: of the scoring pass; the factor fit is kronfluence's)"
+            if isinstance(method, EKFACSettings)
+            else ""
+        ),
     )
     return plan
 
@@ -522,21 +524,56 @@ def _plan_ekfac(
     query_sizes: dict[str, int | None],
     network: NetworkFigures | None,
 ) -> None:
-    """EK-FAC: kronfluence keeps its own gradients and factors (no stores, no projector, no kernel)."""
+    """EK-FAC: no stores, projector or kernel; the fitted factors and the scoring pass's tensors (its memory is
+    the ``call_memory`` line, which :func:`_peak_memory` adds to the weights)."""
+    from das_lightning.attribution.methods.ekfac import INVERSE_WEIGHTS_BYTES, queries_per_pass
+
     features = method.features
     tracked = network.tracked_parameters if network is not None else None
     pattern = f" matching {features.param_pattern!r}" if features.param_pattern else ""
     plan.add("tracked_parameters", f"tracked parameters P{pattern}", tracked)
-    passes, how = ekfac_passes(method, query_sizes)
+    passes, how = ekfac_passes(method, query_sizes, tracked)
     plan.add("train_passes", "passes over the training set", passes, detail=how)
-    timesteps = len(features.timestep_list())
+    draws = len(features.timestep_list()) * int(features.draws_per_timestep)
     plan.add(
         "gradient_evaluations",
         "training-image gradient evaluations",
-        None if passes is None or n is None else passes * n * timesteps,
-        detail=f"passes x N x {timesteps} timesteps (the loss averages them)",
+        None if passes is None or n is None else passes * n * draws,
+        detail=f"passes x N x {draws} draws (the loss averages them)",
     )
-    plan.notes.append("EK-FAC's factors (per tracked module) are kronfluence's: their memory is not planned")
+    if tracked is None or any(size is None for size in query_sizes.values()):
+        return
+    rows = 1 if method.ekfac_strategy == "identity" else score_rows(method)
+    held = min(sum(int(size) for size in query_sizes.values()), queries_per_pass(tracked))
+    diagonals = rows * tracked * FLOAT32
+    kept = diagonals <= INVERSE_WEIGHTS_BYTES
+    batch = int(features.batch_size) if n is None else min(int(features.batch_size), n)
+    pairs = batch * draws
+    activations = 0
+    if network.saved_bytes_per_pair is not None:
+        pairs = pairs_in_call(batch, draws, network.budget_pairs, features.timestep_batch)
+        activations = pairs * PEAK_PER_SAVED_BYTE * network.saved_bytes_per_pair
+    parts = {
+        "rotated queries": held * tracked * FLOAT32,
+        "eigenvalues (float64, two copies)": 2 * tracked * FLOAT64,
+        "grid diagonals": diagonals if kept else tracked * (FLOAT64 + FLOAT32),
+        # the pair gradients of a vmap call, then the batch's flat, rotated and weighted P-vectors
+        "batch gradients": activations + (pairs + 3 * batch) * tracked * FLOAT32,
+    }
+    plan.add(
+        "call_memory",
+        "EK-FAC scoring pass memory",
+        sum(parts.values()),
+        "bytes",
+        "memory",
+        ", ".join(f"{name} {human_bytes(value)}" for name, value in parts.items())
+        + (
+            "" if kept else f" (the {rows} diagonals are recomputed per batch: {human_bytes(diagonals)} kept)"
+        ),
+    )
+    plan.notes.append(
+        "EK-FAC's factor fit is kronfluence's (per-module covariances and eigenbases): its memory is not planned"
+    )
 
 
 def _peak_memory(plan: Plan) -> int | None:

@@ -186,6 +186,19 @@ def test_queries_split_over_passes_score_the_same(tmp_path: Path, monkeypatch) -
         np.testing.assert_allclose(split[c], whole[c], rtol=1e-6, atol=1e-7 * np.abs(whole[c]).max())
 
 
+def test_grid_diagonals_recomputed_per_batch_score_the_same(tmp_path: Path, monkeypatch) -> None:
+    """Past ``INVERSE_WEIGHTS_BYTES`` (a large network's grid) the diagonals 1 / (Lambda + d) are recomputed per
+    training batch instead of kept: the same scores."""
+    settings = ekfac_settings(param_pattern=SMALL_LAYERS, lambda_scales=GRID, lambda_scale=GRID[1])
+    for name in ("kept", "recomputed"):  # two run folders: nothing of the first is reused by the second
+        (tmp_path / name).mkdir()
+    kept, _ = ekfac_scores(toy_inputs(tmp_path / "kept"), settings)
+    monkeypatch.setattr(ekfac, "INVERSE_WEIGHTS_BYTES", 0)
+    recomputed, _ = ekfac_scores(toy_inputs(tmp_path / "recomputed"), settings)
+    for c in GRID:
+        np.testing.assert_allclose(recomputed[c], kept[c], rtol=1e-6, atol=1e-7 * np.abs(kept[c]).max())
+
+
 def test_score_stores_resume_are_reused_and_never_cross_units_or_grids(tmp_path: Path, monkeypatch) -> None:
     inputs = toy_inputs(tmp_path)
     settings = ekfac_settings(param_pattern=r"^conv_out\.", lambda_scales=GRID, lambda_scale=GRID[1])

@@ -213,3 +213,36 @@ def test_measured_peak_memory_is_near_the_plan(trained_root: Path, tmp_path: Pat
     ratio = figures["measured"] / figures["planned"]
     assert 1 / PEAK_FACTOR <= ratio <= PEAK_FACTOR, figures
     shutil.rmtree(root)
+
+
+def test_planned_ekfac_passes_equal_the_run(trained_root: Path, tmp_path: Path, monkeypatch) -> None:
+    """EK-FAC's plan counts kronfluence's two fitting passes and the scoring passes the run makes: one for both
+    query sets and every c, two when the rotated queries must be split (``QUERY_GRADIENT_BYTES``)."""
+    pytest.importorskip("kronfluence")
+    from das_lightning.attribution.methods import ekfac
+
+    ekfac_run = [
+        "method=ekfac",
+        r"method.features.param_pattern='^(conv_out|up_blocks\.1\.resnets\.1\.conv2)\.'",
+        "method.lambda_scales=[1e-4,1]",
+        "method.lambda_scale=1",
+    ]
+    passes = []
+    one_pass = ekfac.EKFAC._one_pass
+    monkeypatch.setattr(
+        ekfac.EKFAC, "_one_pass", lambda self, *args: (passes.append(1), one_pass(self, *args))[1]
+    )
+    tracked = attribute_plan(trained_root, *ekfac_run).figure("tracked_parameters")
+    assert 0 < tracked < attribute_plan(trained_root).figure("tracked_parameters")  # the two layers
+    for query_bytes, scoring in (
+        (ekfac.QUERY_GRADIENT_BYTES, 1),
+        (4 * tracked * 6, 2),
+    ):  # 6 of 12 queries a pass
+        monkeypatch.setattr(ekfac, "QUERY_GRADIENT_BYTES", query_bytes)
+        root = copy_model(trained_root, tmp_path / f"ekfac-{scoring}")
+        planned = attribute_plan(root, *ekfac_run)
+        assert planned.figure("train_passes") == 2 + scoring
+        assert planned.figure("peak_memory") > planned.figure("model_memory")
+        passes.clear()
+        cli.run_attribute(compose("attribute", [f"paths.root={root}", *TINY_ATTRIBUTE, *ekfac_run]))
+        assert len(passes) == scoring

@@ -114,6 +114,9 @@ READOUT_POWERS = {
 UNIT_RULE = "damping = c x trace(G) / N"
 # the rotated query gradients one pass holds (Q x P float32); more queries are split into several passes
 QUERY_GRADIENT_BYTES = 2 << 30
+# the damping grid's diagonals 1 / (Lambda + d) (C x P float32) are kept through the pass up to this size; beyond it
+# (48 c x 35.7M parameters is 6.4 GiB) each is recomputed per training batch, one at a time
+INVERSE_WEIGHTS_BYTES = 256 << 20
 # how long the other ranks wait for rank zero's factor fit (a collective on its own gloo group, so that the
 # process group's default timeout, 30 min under Lightning, does not end a long fit)
 FIT_WAIT = timedelta(days=2)
@@ -339,6 +342,7 @@ class InfluenceScoreWriter(Callback):
         self.images = 0
         self.seconds = 0.0
         self._on_device: Curvature | None = None
+        self._weights: list[torch.Tensor | None] | None = None  # the grid's diagonals, when kept (see above)
 
     def _extra(self, batch: Mapping[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
         if self.extra_inputs is None:
@@ -365,6 +369,8 @@ class InfluenceScoreWriter(Callback):
     @override
     def on_predict_start(self, trainer, pl_module) -> None:
         self._on_device = self.curvature.to(pl_module.device)
+        if len(self.dampings) * self.curvature.num_parameters * 4 <= INVERSE_WEIGHTS_BYTES:
+            self._weights = [self._inverse_weights(damping) for damping in self.dampings]
         for block in self.blocks:
             block.rotated = self._rotated_queries(block, pl_module.device)
 
@@ -382,29 +388,37 @@ class InfluenceScoreWriter(Callback):
         with torch.no_grad():
             rotated = self._on_device.to_eigenbasis(flat)
             del flat
-            # the diagonal of each damping weighs the (fewer) training rows, once per c
-            weights = [
-                None if damping is None else self._on_device.inverse_weights(damping)
-                for damping in self.dampings
-            ]
-            for block in self.blocks:
-                keep = block.pending[indices]
-                if not keep.any():
-                    continue
-                rows = rotated[torch.as_tensor(keep, device=device)]
-                scores = torch.stack(
-                    [(rows if weight is None else rows * weight) @ block.rotated.T for weight in weights],
-                    dim=1,
-                )  # (rows, C, Q)
-                block.store.write(indices[keep], scores.reshape(len(rows), -1).cpu().numpy())
+            blocks = [(block, block.pending[indices]) for block in self.blocks]
+            blocks = [(block, keep) for block, keep in blocks if keep.any()]
+            scores = [
+                torch.empty(int(keep.sum()), len(self.dampings), block.num_queries, device=device)
+                for block, keep in blocks
+            ]  # (rows, C, Q) per block
+            # the diagonal of each damping weighs the (fewer) training rows, one c at a time
+            for position, damping in enumerate(self.dampings):
+                weight = (
+                    self._weights[position] if self._weights is not None else self._inverse_weights(damping)
+                )
+                weighted = rotated if weight is None else rotated * weight
+                for (block, keep), block_scores in zip(blocks, scores, strict=True):
+                    block_scores[:, position] = (
+                        weighted[torch.as_tensor(keep, device=device)] @ block.rotated.T
+                    )
+                del weighted
+            for (block, keep), block_scores in zip(blocks, scores, strict=True):
+                block.store.write(indices[keep], block_scores.reshape(len(block_scores), -1).cpu().numpy())
         self.seconds += time.perf_counter() - started
         self.images += len(indices)
+
+    def _inverse_weights(self, damping: float | None) -> torch.Tensor | None:
+        return None if damping is None else self._on_device.inverse_weights(damping)
 
     @override
     def on_predict_end(self, trainer, pl_module) -> None:
         for block in self.blocks:
             block.rotated = None
         self._on_device = None
+        self._weights = None
 
 
 # ------------------------------------------------------------------------------------------------ several ranks
