@@ -624,3 +624,18 @@ def test_the_lora_module_loads_the_pretrained_unet_once(pipeline_folder: Path, m
     unet = load_pretrained_unet(str(pipeline_folder))  # what model.unet instantiates
     StableDiffusionLoRAModule(unet, OptimizerSettings(), pretrained=str(pipeline_folder), rank=4)
     assert loaded.count("unet") == 1 and {"vae", "text_encoder", "tokenizer", "scheduler"} <= set(loaded)
+
+
+def test_a_plan_without_the_network_claims_no_peak(
+    pipeline_folder: Path, split_artbench_root: Path, tmp_path: Path
+) -> None:
+    """plan=true cannot build a pipeline's LoRA UNet from its config alone: it says so and prints no peak memory
+    (a peak of the score matrices alone, a few KiB, would mislead), for DAS and EK-FAC alike."""
+    experiment = _experiment(pipeline_folder, split_artbench_root, tmp_path / "outputs")
+    for method in ("das", "ekfac"):
+        if method == "ekfac":
+            pytest.importorskip("kronfluence")
+        planned = cli.run_attribute(compose("attribute", [*experiment, f"method={method}", "plan=true"]))
+        assert planned.figure("peak_memory") is None
+        assert any("cannot be built" in note for note in planned.notes)
+    assert not (tmp_path / "outputs").exists()  # a plan writes nothing
