@@ -112,4 +112,4 @@ def test_paper_experiments_choose_the_sparse_projector_and_the_command_line_stil
         )
         assert named.method.features.projector.kind == "trak_cuda"
         default = compose(config_name="attribute", overrides=[])
-        assert default.method.features.projector.kind == "dense"  # the CPU-scale default is unchanged
+        assert default.method.features.projector.kind == "sparse"  # the default too since issue 18
