@@ -25,7 +25,9 @@ A point is measured from nothing, one process each, on this machine:
 Writes benchmarks/results/frontier.json after each point (resumable: a measured point is skipped unless ``--redo``;
 a failed one is retried), frontier.md (the table, with the Pareto points marked) and frontier.png (LDS against
 seconds per query set, the Pareto front drawn). Run it alone on the machine: the times are the measurement.
-``--override`` adds an override to every attribute.py and evaluate_lds.py command (a smaller test run).
+``--override`` adds an override to every attribute.py and evaluate_lds.py command (a smaller test run);
+``--attribute-override`` to attribute.py only (``method.features.e_seed=1``: the same points with other draws, with
+``--name`` and ``--scratch`` of their own).
 """
 
 from __future__ import annotations
@@ -76,10 +78,12 @@ class Point:
 
 
 def scheme_overrides(scheme: str, budget: int) -> list[str]:
+    """The draw settings of a scheme, every one named, so that a point means the same whatever the defaults."""
+    single = ["method.features.draws_per_timestep=1", "method.features.antithetic=false"]
     if scheme == "grid":
-        return [f"method.features.num_timesteps={budget}"]
+        return [f"method.features.num_timesteps={budget}", "method.features.sampling=grid", *single]
     if scheme == "strat":
-        return [f"method.features.num_timesteps={budget}", "method.features.sampling=stratified"]
+        return [f"method.features.num_timesteps={budget}", "method.features.sampling=stratified", *single]
     if scheme == "sa":
         return [
             f"method.features.num_timesteps={budget // 2}",
@@ -97,8 +101,8 @@ def all_points() -> list[Point]:
     def add(method: str, budget: int, scheme: str, projector: str, normalize: str | None = None) -> None:
         name = f"{method}-{scheme}{budget}-{projector}" + ("-ndraw" if normalize == "draw" else "")
         overrides = [*scheme_overrides(scheme, budget)]
-        if projector == "sparse":
-            overrides.append("projector=sparse")
+        if projector != "none":
+            overrides.append(f"projector={projector}")
         if normalize == "draw":
             overrides.append("method.features.normalize=draw")
         normal = normalize or ("timestep" if method == "das" else None)
@@ -109,6 +113,7 @@ def all_points() -> list[Point]:
             add(method, budget, "grid", "dense")
             add(method, budget, "sa", "dense")
             add(method, budget, "grid", "sparse")
+            add(method, budget, "sa", "sparse")
         add("das", budget, "sa", "dense", normalize="draw")
         add("ekfac", budget, "grid", "none")
         add("ekfac", budget, "strat", "none")
@@ -168,6 +173,7 @@ def attribute_command(args: argparse.Namespace, point: Point, root: Path) -> lis
         f"method={point.method}",
         f"method.name={point.name}",
         *point.overrides,
+        *args.attribute_override,
     ]
 
 
@@ -187,7 +193,7 @@ def evaluate_command(args: argparse.Namespace, root: Path, folder: str) -> list[
 
 
 def run(command: list[str]) -> tuple[subprocess.CompletedProcess, float]:
-    """One process, this machine's default threads (whatever the caller's environment says)."""
+    """One process, with the threads the caller's environment gives it (OMP_NUM_THREADS, recorded)."""
     started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, *command],
@@ -301,7 +307,8 @@ def markdown(document: dict) -> str:
         "# Frontier: held-out LDS against attribution seconds",
         "",
         f"{document['command']}  ",
-        f"{document['machine']['cpu']}, {document['machine']['cores']} cores, default threads; root "
+        f"{document['machine']['cpu']}, {document['machine']['cores']} cores, "
+        f"{document['machine'].get('threads', 'default')} thread(s) per process (OMP_NUM_THREADS); root "
         f"{document['root']}, {document['subsets'] or 'all'} subsets x seeds {document['seeds'] or 'all'} "
         "(none given: the experiment's); "
         f"differences against `{document['reference']}` (today's default DAS, the root's scores), paired bootstrap",
@@ -430,6 +437,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--points", nargs="+", default=["*"], help="point names or patterns (see --list)")
     parser.add_argument("--override", action="append", default=[], help="an override for every command")
+    parser.add_argument(
+        "--attribute-override",
+        action="append",
+        default=[],
+        help="an override for attribute.py only (e.g. method.features.e_seed=1: the same points, other draws)",
+    )
     parser.add_argument("--redo", action="store_true", help="measure the chosen points again")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of the chosen points")
     parser.add_argument("--list", action="store_true", help="print the points and exit")
@@ -455,13 +468,21 @@ def main(argv: list[str] | None = None) -> None:
     document = json.loads(existing.read_text()) if existing.exists() else {"points": {}}
     document.update(
         command="python benchmarks/frontier.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        machine={"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
+        machine={
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "threads": os.environ.get(
+                "OMP_NUM_THREADS", "default"
+            ),  # per process: what the seconds were run with
+            "python": platform.python_version(),
+        },
         root=args.root,
         experiment=args.experiment,
         subsets=args.subsets,
         seeds=args.seeds,
         reference=args.reference,
         overrides=args.override,
+        attribute_overrides=args.attribute_override,
     )
     for point in points:
         previous = document["points"].get(point.name)

@@ -555,7 +555,7 @@ def _plan_ekfac(
         activations = pairs * PEAK_PER_SAVED_BYTE * network.saved_bytes_per_pair
     parts = {
         "rotated queries": held * tracked * FLOAT32,
-        "eigenvalues (float64, two copies)": 2 * tracked * FLOAT64,
+        "eigenvalues (float64)": tracked * FLOAT64,
         "grid diagonals": diagonals if kept else tracked * (FLOAT64 + FLOAT32),
         # the pair gradients of a vmap call, then the batch's flat, rotated and weighted P-vectors
         "batch gradients": activations + (pairs + 3 * batch) * tracked * FLOAT32,

@@ -46,7 +46,14 @@ def test_every_point_spends_its_budget_of_draws(frontier) -> None:
     assert all(found == {10, 30, 100} for found in budgets.values())
     assert {p.method for p in points} == {"das", "dtrak", "trak", "ekfac"}
     default = next(p for p in points if p.name == "das-grid10-dense")
-    assert default.overrides == ("method.features.num_timesteps=10",)  # today's DAS: the shipped K
+    # paper-DAS (the reference): every draw setting named, so the point does not follow the defaults
+    assert set(default.overrides) == {
+        "method.features.num_timesteps=10",
+        "method.features.sampling=grid",
+        "method.features.draws_per_timestep=1",
+        "method.features.antithetic=false",
+        "projector=dense",
+    }
 
 
 def test_pareto_front_keeps_the_points_nothing_beats(frontier) -> None:
@@ -113,7 +120,7 @@ def test_dry_run_and_list_name_the_chosen_points(tmp_path: Path) -> None:
 
     listed = run("--list", "--points", "das-*100*")
     assert [line.split()[0] for line in listed] == ["das-grid100-dense", "das-sa100-dense", "das-grid100-sparse",
-                                                    "das-sa100-dense-ndraw"]  # fmt: skip
+                                                    "das-sa100-sparse", "das-sa100-dense-ndraw"]  # fmt: skip
     commands = run("--dry-run", "--points", "ekfac-strat30-none", "--scratch", str(tmp_path / "s"))
     assert commands[0] == "# ekfac-strat30-none"
     assert "method=ekfac" in commands[1] and "method.name=ekfac-strat30-none" in commands[1]
