@@ -36,11 +36,19 @@ FULL_SEEDS = [0, 1, 2, 3]  # seed 0 is the primary model (its generated images a
 SNAPSHOT_EVERY = 125  # of 500 steps: the checkpoint ensemble's members
 ENSEMBLE_SIZES = [1, 2, 4]
 EKFAC = ("ekfac", "ekfac_squared", "ekfac_das")
-EKFAC_GRID = [1e-06, 1e-05, 0.0001, 0.001, 0.01, 0.1, 1.0]
-# score-folder name -> attribute.py overrides (ensembles average the members' scores at each c)
+# the draws every committed table was measured with (10 grid timesteps x 1 noise draw, the papers'), named for every
+# gradient method: DAS, TRAK and D-TRAK moved to other draws in issue 18 (docs/frontier.md), the benchmark did not
+PAPER_DRAWS = [
+    "method.features.num_timesteps=10",
+    "method.features.sampling=grid",
+    "method.features.draws_per_timestep=1",
+    "method.features.antithetic=false",
+]
+# score-folder name -> attribute.py overrides (ensembles average the members' scores at each c); EK-FAC scores its
+# whole grid (48 c) from one pass
 ATTRIBUTIONS: dict[str, list[str]] = {
     **{
-        name: [f"method={name}"]
+        name: [f"method={name}", *PAPER_DRAWS]
         for name in (
             "das",
             "das_plain",
@@ -54,23 +62,20 @@ ATTRIBUTIONS: dict[str, list[str]] = {
             "dtrak_squared",
             "relatif_squared",
             "grad_cos",
-            "pixel",
+            *EKFAC,
         )
     },
-    # EK-FAC: every damping c is one pass over the training set (108 s each here), so 7 decades (1e-6..1) instead of
-    # the kernel methods' 36 points (a first run on 1e-3..1 selected its low edge everywhere)
-    **{
-        name: [f"method={name}", f"method.lambda_scales=[{','.join(map(str, EKFAC_GRID))}]"] for name in EKFAC
-    },
+    "pixel": ["method=pixel"],
     **{
         f"{method}_seeds{'-'.join(map(str, FULL_SEEDS[:size]))}": [
             f"method={method}",
+            *PAPER_DRAWS,
             f"ensemble.seeds=[{','.join(map(str, FULL_SEEDS[:size]))}]",
         ]
         for method in ("das", "dtrak")
         for size in ENSEMBLE_SIZES[1:]
     },
-    "das_steps125-250-375-500": ["method=das", "ensemble.checkpoints=[125,250,375,500]"],
+    "das_steps125-250-375-500": ["method=das", *PAPER_DRAWS, "ensemble.checkpoints=[125,250,375,500]"],
 }
 METHODS = list(ATTRIBUTIONS)
 

@@ -30,6 +30,11 @@ TINY_ATTRIBUTE = [
     "queries.num_generated=6",
     "projector.dim=32",
     "method.features.num_timesteps=2",
+    # one draw per grid timestep, for every method: DAS's default draws (15 stratified timesteps x an antithetic
+    # pair) are tested where they are the point (test_draws.py, test_configs.py)
+    "method.features.sampling=grid",
+    "method.features.draws_per_timestep=1",
+    "method.features.antithetic=false",
     "method.features.batch_size=16",
     "logger=none",
     "trainer.enable_progress_bar=false",

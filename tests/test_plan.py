@@ -106,9 +106,9 @@ def test_plan_writes_nothing_under_the_root_and_exits_zero(
 
 
 def test_a_figure_over_the_free_memory_is_named(tmp_path: Path, monkeypatch, capsys) -> None:
-    assert "warning" not in str(attribute_plan(tmp_path))
+    assert "warning" not in str(attribute_plan(tmp_path, "projector=dense"))
     monkeypatch.setattr(plan, "available_memory", lambda accelerator: (1 << 20, "a test's 1 MiB"))
-    result = attribute_plan(tmp_path)
+    result = attribute_plan(tmp_path, "projector=dense")
     printed = capsys.readouterr().out
     assert result.figure("projector_memory") > 1 << 20  # 176,849 x 32 floats
     assert (
@@ -198,7 +198,7 @@ PEAK_FACTOR = 1.5  # measured / planned must lie within [1 / PEAK_FACTOR, PEAK_F
 
 def test_measured_peak_memory_is_near_the_plan(trained_root: Path, tmp_path: Path) -> None:
     root = copy_model(trained_root, tmp_path / "root")
-    overrides = [f"paths.root={root}", *TINY_ATTRIBUTE, "projector.dim=512"]
+    overrides = [f"paths.root={root}", *TINY_ATTRIBUTE, "projector=dense", "projector.dim=512"]
     script = PEAK_SCRIPT.format(tests=str(REPO / "tests"), overrides=overrides)
     result = subprocess.run(
         [sys.executable, "-c", script],

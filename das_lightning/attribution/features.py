@@ -106,7 +106,8 @@ class FeatureSettings:
             raise ConfigError(
                 "method.features.sampling=stratified draws its own timesteps (one per stratum of "
                 f"[0, {NUM_TRAIN_TIMESTEPS})): it needs timestep_strategy=uniform and no explicit timesteps, "
-                f"not timestep_strategy={self.timestep_strategy!r}"
+                f"not timestep_strategy={self.timestep_strategy!r}; for chosen timesteps set "
+                "method.features.sampling=grid (and draws_per_timestep, antithetic as wanted)"
             )
         draw_plan([0], int(self.draws_per_timestep), bool(self.antithetic))  # D >= 1, even when antithetic
 
