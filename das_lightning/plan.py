@@ -578,7 +578,9 @@ def _plan_ekfac(
 
 def _peak_memory(plan: Plan) -> int | None:
     keys = {line.key: line.value for line in plan.lines}
-    if keys.get("model_memory") is None:  # the network was not built (a pipeline's LoRA UNet): no peak is claimed
+    if (
+        keys.get("model_memory") is None
+    ):  # the network was not built (a pipeline's LoRA UNet): no peak is claimed
         return None
     weights = keys.get("model_memory") or 0
     collection = (keys.get("projector_memory") or 0) + (keys.get("call_memory") or 0)

@@ -143,4 +143,6 @@ def test_draw_defaults_are_the_frontier_choices(method: str, draws: tuple) -> No
     assert found == draws
     assert features.projector.kind == "sparse"  # the default projector since issue 18
     assert len(features.timestep_list()) * features.draws_per_timestep == draws[0] * draws[1]
-    build_method(settings)  # valid settings: the antithetic pairs are even, stratified has no explicit timesteps
+    build_method(
+        settings
+    )  # valid settings: the antithetic pairs are even, stratified has no explicit timesteps
