@@ -18,10 +18,10 @@ from das_lightning.attribution.features import (
     CollectionDevice,
     FeatureSettings,
     collect_features,
-    draw_suffix,
     feature_manifest,
     make_gradients,
     make_projector,
+    settings_suffix,
 )
 from das_lightning.attribution.grads import (
     PerSampleGradients,
@@ -407,8 +407,9 @@ def test_stores_of_other_draws_live_beside_todays_and_are_reused(
     draws = collect(draws_per_timestep=2, antithetic=True)
     stratified = collect(sampling="stratified")
     assert draws.folder.name == "train" and draws.folder.parent.name.startswith("das-")
-    assert draws.folder.parent.name == "das" + draw_suffix(
-        FeatureSettings(draws_per_timestep=2, antithetic=True)
+    # the home holds the one-draw store: other draws go beside it, under the hash of all their settings
+    assert draws.folder.parent.name == "das" + settings_suffix(
+        FeatureSettings(**base, draws_per_timestep=2, antithetic=True)
     )
     assert len({today.folder, draws.folder, stratified.folder}) == 3
     assert not np.allclose(np.asarray(today.features), np.asarray(draws.features))

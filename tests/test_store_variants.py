@@ -177,13 +177,31 @@ def test_every_key_of_a_feature_set_follows_its_train_store(collect, tmp_path: P
     assert store_suffix(tmp_path / "features", variant) == settings_suffix(variant)
 
 
-def test_draw_variants_keep_their_home_and_go_beside_it_on_a_conflict(collect, tmp_path: Path) -> None:
+def test_draw_variants_take_the_home_first_and_go_beside_it_on_a_conflict(collect, tmp_path: Path) -> None:
+    """Since issue 18 the defaults of DAS and TRAK draw antithetic pairs: on a fresh run folder such a store is the
+    plain ``das`` (where ``methods=[das]`` finds its scores); other settings go beside it."""
     draws = {"draws_per_timestep": 2, "antithetic": True}
     home = collect(settings(**draws))
-    assert home.folder.parent.name == "das" + draw_suffix(settings(**draws))  # as since draws existed
+    assert home.folder.parent.name == "das"
+    assert store_suffix(tmp_path / "features", settings(**draws)) == ""
     other = collect(settings(**draws, num_timesteps=3))
     assert other.folder.parent.name == "das" + settings_suffix(settings(**draws, num_timesteps=3))
     assert other.folder.parent != home.folder.parent
+
+
+def test_a_draw_variant_made_in_its_old_home_is_still_found_there(collect, tmp_path: Path) -> None:
+    """Before issue 18 other draws were stored in ``das-<hash of the draw settings>``: such a store is reused from
+    there (nothing recomputed), beside a one-draw ``das``."""
+    draws = settings(draws_per_timestep=2, antithetic=True)
+    made = collect(draws)  # in the plain home of a fresh folder: moved to where it was made before issue 18
+    expected = np.array(made.features)
+    old_home = tmp_path / "features" / ("das" + draw_suffix(draws))
+    made.folder.parent.rename(old_home)
+    collect(settings())  # a one-draw store in the plain home
+    assert store_suffix(tmp_path / "features", draws) == draw_suffix(draws)
+    again = collect(draws)
+    assert again.folder == old_home / "train"
+    np.testing.assert_array_equal(np.asarray(again.features), expected)
 
 
 def test_another_checkpoint_is_still_refused_in_the_same_folder(collect) -> None:

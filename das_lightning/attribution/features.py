@@ -3,8 +3,9 @@
 Where a store lives (one rule, :func:`store_folder`; score folders follow it, :func:`store_suffix`):
 ``collect_features`` is given ``<features_dir>/<name>/<key>``.
 
-- The feature set's *home* is ``<name>`` for one-draw settings and ``<name>-<hash of the draw settings>`` for other
-  draws (``draws_per_timestep``, ``sampling``, ``antithetic``, ``normalize=draw``), as since draws existed.
+- The feature set's *home* is ``<name>``, whatever the draws (since issue 18 moved DAS's and TRAK's default draws:
+  a run's default store is ``<name>``, where ``evaluate_lds.py methods=[<name>]`` finds its scores). A store of other
+  draws made before that in ``<name>-<hash of the draw settings>`` is still found there.
 - A store lives in its home unless the home already holds stores of other semantic settings (another K, projector
   kind, k or seed, e_seed, timesteps, output function, dtype, ...: the manifest's ``features`` section). Then it
   lives in ``<name>-<hash of all its semantic settings>`` beside it instead of being refused: stores of different
@@ -251,8 +252,8 @@ def _short_hash(described: dict[str, Any]) -> str:
 
 
 def draw_suffix(settings: FeatureSettings) -> str:
-    """ "" for one-draw settings, else "-<10 hex digits of a hash of the draw settings>": the home of other draws
-    (see the module docstring)."""
+    """ "" for one-draw settings, else "-<10 hex digits of a hash of the draw settings>": where stores of other draws
+    were made until issue 18 (see the module docstring), still read there."""
     draws = settings.draw_settings()
     return _short_hash(draws) if draws else ""
 
@@ -277,11 +278,15 @@ def _held_settings(folder: Path) -> list[dict[str, Any]]:
 
 def _suffix_in(parent: Path, name: str, settings: FeatureSettings) -> str:
     """The suffix of ``settings``'s folder among the feature sets ``<parent>/<name>*``."""
-    home = draw_suffix(settings)
-    held = _held_settings(parent / (name + home))
     described = json.loads(json.dumps(feature_description(settings)))  # as a manifest reads back
+    legacy = draw_suffix(
+        settings
+    )  # where stores of other draws were made until the defaults moved (issue 18)
+    if legacy and described in _held_settings(parent / (name + legacy)):
+        return legacy
+    held = _held_settings(parent / name)
     if not held or described in held:
-        return home
+        return ""
     return settings_suffix(settings)
 
 
@@ -295,9 +300,8 @@ def store_folder(folder: Path, settings: FeatureSettings) -> Path:
     """Where the store of ``settings`` lives, given the folder of its feature set's name and key
     (``<features_dir>/<name>/<key>``): there, or in ``<name>-<hash>/<key>`` beside it (see the module docstring)."""
     folder = Path(folder)
-    if not folder.parent.name:  # a bare relative folder: the suffix goes on the folder itself
-        suffix = draw_suffix(settings)
-        return folder.with_name(folder.name + suffix) if suffix else folder
+    if not folder.parent.name:  # a bare relative folder: it is its own home
+        return folder
     suffix = _suffix_in(folder.parent.parent, folder.parent.name, settings)
     if not suffix:
         return folder
