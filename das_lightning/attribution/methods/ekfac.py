@@ -763,7 +763,7 @@ class EKFAC(Method):
             block.store.require_complete()
         if writer.seconds:
             log.info(
-                "EK-FAC pass: %.1f training images/s on rank %d",
+                "EK-FAC pass: %.3g training images/s on rank %d",
                 writer.images / writer.seconds,
                 trainer.global_rank,
             )
