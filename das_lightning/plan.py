@@ -431,6 +431,35 @@ def attribute_plan(
     return plan
 
 
+def _add_tracked(plan: Plan, features: FeatureSettings, network: NetworkFigures | None) -> int | None:
+    """The "tracked parameters P" line: the parameters the gradients differentiate (None: network unknown)."""
+    tracked = network.tracked_parameters if network is not None else None
+    pattern = f" matching {features.param_pattern!r}" if features.param_pattern else ""
+    plan.add("tracked_parameters", f"tracked parameters P{pattern}", tracked)
+    return tracked
+
+
+def _num_draws(features: FeatureSettings) -> int:
+    """(t, eps) draws per image: timesteps x noise draws per timestep."""
+    return len(features.timestep_list()) * int(features.draws_per_timestep)
+
+
+def _batch(features: FeatureSettings, n: int | None) -> int:
+    """The images of one per-sample-gradient batch (never more than the training set)."""
+    return int(features.batch_size) if n is None else min(int(features.batch_size), n)
+
+
+def _vmap_call(
+    features: FeatureSettings, batch: int, num_draws: int, network: NetworkFigures
+) -> tuple[int, int] | None:
+    """(pairs, activation bytes) of one vmap call of a batch, as ``flat_gradients`` chunks it at the activation
+    budget; None when the network's activations were not measured."""
+    if network.saved_bytes_per_pair is None:
+        return None
+    pairs = pairs_in_call(batch, num_draws, network.budget_pairs, features.timestep_batch)
+    return pairs, pairs * PEAK_PER_SAVED_BYTE * network.saved_bytes_per_pair
+
+
 def _plan_features(
     plan: Plan,
     method: MethodSettings,
@@ -441,10 +470,8 @@ def _plan_features(
     paths: RunPaths,
     network: NetworkFigures | None,
 ) -> None:
-    num_draws = len(features.timestep_list()) * int(features.draws_per_timestep)
-    tracked = network.tracked_parameters if network is not None else None
-    pattern = f" matching {features.param_pattern!r}" if features.param_pattern else ""
-    plan.add("tracked_parameters", f"tracked parameters P{pattern}", tracked)
+    num_draws = _num_draws(features)
+    tracked = _add_tracked(plan, features, network)
     dim = tracked if features.projector.kind == "identity" else int(features.projector.dim)
     if tracked is not None:
         memory, how = projector_memory(features, tracked)
@@ -456,10 +483,10 @@ def _plan_features(
             "memory",
             how,
         )
-    batch = int(features.batch_size) if n is None else min(int(features.batch_size), n)
-    if network is not None and network.saved_bytes_per_pair is not None:
-        pairs = pairs_in_call(batch, num_draws, network.budget_pairs, features.timestep_batch)
-        activations = pairs * PEAK_PER_SAVED_BYTE * network.saved_bytes_per_pair
+    batch = _batch(features, n)
+    call = _vmap_call(features, batch, num_draws, network) if network is not None else None
+    if call is not None:
+        pairs, activations = call
         # flat_gradients returns the batch's B unprojected P-vectors; a batch over the budget is computed in
         # pieces and concatenated, so the pieces and the whole are held at once
         split = features.timestep_batch is None and batch > network.budget_pairs
@@ -529,12 +556,10 @@ def _plan_ekfac(
     from das_lightning.attribution.methods.ekfac import INVERSE_WEIGHTS_BYTES, queries_per_pass
 
     features = method.features
-    tracked = network.tracked_parameters if network is not None else None
-    pattern = f" matching {features.param_pattern!r}" if features.param_pattern else ""
-    plan.add("tracked_parameters", f"tracked parameters P{pattern}", tracked)
+    tracked = _add_tracked(plan, features, network)
     passes, how = ekfac_passes(method, query_sizes, tracked)
     plan.add("train_passes", "passes over the training set", passes, detail=how)
-    draws = len(features.timestep_list()) * int(features.draws_per_timestep)
+    draws = _num_draws(features)
     plan.add(
         "gradient_evaluations",
         "training-image gradient evaluations",
@@ -547,12 +572,9 @@ def _plan_ekfac(
     held = min(sum(int(size) for size in query_sizes.values()), queries_per_pass(tracked))
     diagonals = rows * tracked * FLOAT32
     kept = diagonals <= INVERSE_WEIGHTS_BYTES
-    batch = int(features.batch_size) if n is None else min(int(features.batch_size), n)
-    pairs = batch * draws
-    activations = 0
-    if network.saved_bytes_per_pair is not None:
-        pairs = pairs_in_call(batch, draws, network.budget_pairs, features.timestep_batch)
-        activations = pairs * PEAK_PER_SAVED_BYTE * network.saved_bytes_per_pair
+    batch = _batch(features, n)
+    # without measured activations: every pair of the batch in one call, activations not counted
+    pairs, activations = _vmap_call(features, batch, draws, network) or (batch * draws, 0)
     parts = {
         "rotated queries": held * tracked * FLOAT32,
         "eigenvalues (float64)": tracked * FLOAT64,

@@ -275,8 +275,9 @@ class Curvature:
         """The curvature on ``device`` (itself when it is there already, eigenvectors in float32)."""
         on_device = self._eigenvalues is None or self._eigenvalues.device == torch.device(device)
         if on_device and all(
-            module.gradient_eigenvectors is None or module.gradient_eigenvectors.dtype == torch.float32
+            vectors is None or vectors.dtype == torch.float32
             for module in self.modules
+            for vectors in (module.gradient_eigenvectors, module.activation_eigenvectors)
         ):
             return self
         return Curvature(self.strategy, [module.to(device) for module in self.modules])
