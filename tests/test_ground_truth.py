@@ -9,7 +9,7 @@ import torch
 from diffusers import UNet2DModel
 from torch.utils.data import DataLoader, Dataset
 
-from das_lightning.diffusion import make_scheduler, per_sample_loss, rule_noise
+from das_lightning.diffusion import ground_truth_noise, make_scheduler, per_sample_loss, rule_noise
 from das_lightning.evaluation.ground_truth import (
     GroundTruthModule,
     LossPredictionWriter,
@@ -54,31 +54,48 @@ def setup() -> tuple[UNet2DModel, torch.Tensor, torch.Tensor, torch.Tensor]:
     return tiny_unet().eval(), make_scheduler().alphas_cumprod, images, indices
 
 
-def hand_loop(unet, alphas_cumprod, images, indices) -> torch.Tensor:
-    """One (query, timestep, e_seed) at a time, straight from the definition."""
+def hand_loop(unet, alphas_cumprod, images, indices, noise_stream: str = "coupled") -> torch.Tensor:
+    """One (query, timestep, e_seed) at a time, straight from the definition (coupled: the features' rule)."""
     losses = []
     with torch.no_grad():
         for image, index in zip(images, indices.tolist(), strict=True):
             per_pair = []
             for timestep in TIMESTEPS:
                 for e_seed in E_SEEDS:
-                    noise = rule_noise(SET_NAME, [index], [timestep], e_seed, image.shape)
+                    if noise_stream == "coupled":
+                        noise = rule_noise(SET_NAME, [index], [timestep], e_seed, image.shape)
+                    else:
+                        noise = ground_truth_noise(SET_NAME, [index], [timestep], e_seed, image.shape)
                     loss = per_sample_loss(unet, image[None], noise, torch.tensor([timestep]), alphas_cumprod)
                     per_pair.append(loss.item())
             losses.append(sum(per_pair) / len(per_pair))
     return torch.tensor(losses, dtype=torch.float64)
 
 
-def compute(unet, alphas_cumprod, images, indices, batch_size: int = 5) -> torch.Tensor:
+def compute(
+    unet, alphas_cumprod, images, indices, batch_size: int = 5, noise: str = "coupled"
+) -> torch.Tensor:
     return query_losses(
-        unet, alphas_cumprod, images, indices, SET_NAME, TIMESTEPS, E_SEEDS, batch_size=batch_size
+        unet,
+        alphas_cumprod,
+        images,
+        indices,
+        SET_NAME,
+        TIMESTEPS,
+        E_SEEDS,
+        batch_size=batch_size,
+        noise=noise,
     )
 
 
-def test_equals_hand_loop_over_the_noise_rule(setup) -> None:
+@pytest.mark.parametrize("noise", ["coupled", "disjoint"])
+def test_equals_hand_loop_over_the_noise_rule(setup, noise: str) -> None:
     unet, alphas_cumprod, images, indices = setup
     torch.testing.assert_close(
-        compute(*setup), hand_loop(unet, alphas_cumprod, images, indices), atol=1e-6, rtol=1e-6
+        compute(*setup, noise=noise),
+        hand_loop(unet, alphas_cumprod, images, indices, noise),
+        atol=1e-6,
+        rtol=1e-6,
     )
 
 
@@ -123,7 +140,7 @@ def predict_losses(devices: int, folder, setup) -> torch.Tensor:
 def test_same_result_with_one_or_two_processes(setup, tmp_path) -> None:
     one = predict_losses(1, tmp_path / "one", setup)
     two = predict_losses(2, tmp_path / "two", setup)
-    torch.testing.assert_close(one, compute(*setup), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(one, compute(*setup, noise="disjoint"), atol=1e-6, rtol=1e-6)  # the default
     torch.testing.assert_close(two, one, atol=1e-6, rtol=1e-6)
 
 
