@@ -24,22 +24,46 @@ Per query (a row of ``scores``, shape contract of :mod:`das_lightning.evaluation
 Queries are reported in four disjoint groups: ``valid`` (a defined SNR-LDS), ``fit_failed`` (constant or all-zero
 scores, zero bandwidth or MAD, C >= 0 or a non-finite fit: the reason is kept per query), ``empty`` (the fit worked
 and no row passed zeta) and ``undefined`` (rows were kept but the predictions or losses are constant over the
-subsets). The mean is over valid queries only, so the counts must be reported beside it.
+subsets).
 
-``fit_scores`` (optional, same shape) are used for the fit and the selection while ``scores`` are aggregated: for
-a squared readout (DAS, sign(s) s^2) fit the signed scores before squaring, as the author does.
+Two rules (``rule``, ``lds.snr_rule``), which differ in what is fitted and in what the mean is over:
+
+- ``author`` (the default; the author's definition): steps 1-4 are made on the SIGNED PRE-SQUARE score s and step 5
+  aggregates the method's readout r(s) (s, s^2 or sign(s) s^2, ``method.square``) over the kept rows. A query whose
+  fit fails, that keeps no row, or whose SNR-LDS is undefined counts as 0 in the mean, which is over every query
+  (the counts still say how many). Where the readout is s, s is the stored score; for sign(s) s^2 it is recovered
+  from the stored v as sign(v) sqrt(|v|); a plain square s^2 keeps no sign, so its s must come from elsewhere
+  (``fit_scores``; in the LDS stage, :func:`signed_inputs` looks for a score folder of the same method with a linear
+  or signed-square readout) and is refused by name without it, as is an ensemble of squared readouts (its stored
+  mean of squares is the square of no one signed score).
+- ``stored`` (this project's first rule, kept for comparison): steps 1-4 on the stored scores (for a squared
+  readout the background of the squares: all >= 0, fitted as a zero-mean density) unless ``fit_scores`` are given,
+  and the mean over valid queries only.
+
+Why the author's: the background model (a zero-mean Gaussian with a few strong rows in both tails) describes the
+signed score; the squares of a Gaussian are a chi-square with one degree of freedom, whose "sigma" from a zero-mean
+fit is not the noise level, so the stored rule keeps a different, much larger set of rows for squared readouts.
+Counting empty queries as 0 does not reward a method for having nothing stand out on its hard queries.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from das_lightning.attribution.settings import READOUT_POWERS, readout_power
+from das_lightning.errors import ConfigError
 from das_lightning.evaluation.lds import lds_from_predictions, nanmean_with_count, predictions
+from das_lightning.manifest import FILES_KEY, read_manifest
+
+log = logging.getLogger(__name__)
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -50,6 +74,13 @@ MAD_TO_SD = 1.4826  # MAD x 1.4826 = standard deviation for a Gaussian
 _KDE_CHUNK_ELEMENTS = 1 << 22  # (queries x grid points x train) per chunk of the KDE: 32 MB in float64
 
 FIT_OK = "ok"
+
+# lds.snr_rule: what is fitted and what the mean is over (module docstring)
+SNR_RULES = {
+    "author": "fitted on the signed pre-square score, the readout aggregated; failed and empty queries count 0",
+    "stored": "fitted on the stored scores; the mean over valid queries only",
+}
+DEFAULT_SNR_RULE = "author"
 
 
 @dataclass(frozen=True)
@@ -173,14 +204,16 @@ def select_rows(scores: ArrayLike, fit: BackgroundFit, zeta: float = DEFAULT_ZET
 class SNRLDSResult:
     """SNR-LDS, as FRACTIONS (x100 for percent). NOT comparable with the LDS: see ``label``.
 
-    ``per_query``: (Q,) SNR-LDS, NaN unless ``query_status`` is "valid". ``query_status[q]``: "valid",
-    "fit_failed", "empty" or "undefined" (module docstring); ``fit.status`` holds the reason of a failed fit.
-    ``mean``: over valid queries only. ``full_lds_on_valid``: the ordinary LDS on the same valid queries, for context
-    (the two are still not comparable as methods' scores: the rows differ per method).
+    ``per_query``: (Q,) what ``mean`` averages: the SNR-LDS of the valid queries and, for the others, 0 under the
+    author rule, NaN under the stored rule. ``query_status[q]``: "valid", "fit_failed", "empty" or "undefined"
+    (module docstring); ``fit.status`` holds the reason of a failed fit. ``mean``: over every query (author) or the
+    valid ones (stored). ``full_lds_on_valid``: the ordinary LDS on the valid queries, for context (the two are
+    still not comparable as methods' scores: the rows differ per method).
     """
 
     label: str
     zeta: float
+    rule: str
     mean: float
     per_query: torch.Tensor
     query_status: tuple[str, ...]
@@ -210,6 +243,7 @@ class SNRLDSResult:
         return {
             "label": self.label,
             "zeta": self.zeta,
+            "rule": self.rule,
             "snr_lds": 100.0 * self.mean,
             "full_lds_on_valid": 100.0 * self.full_lds_on_valid,
             "num_queries": len(self.query_status),
@@ -224,19 +258,50 @@ class SNRLDSResult:
         }
 
 
+def signed_root(values: ArrayLike) -> torch.Tensor:
+    """s from v = sign(s) s^2 (the signed-square readout): sign(v) sqrt(|v|), exactly invertible."""
+    values_t = _as_tensor(values)
+    return torch.sign(values_t) * values_t.abs().sqrt()
+
+
+def check_rule(rule: str) -> str:
+    if rule not in SNR_RULES:
+        raise ConfigError(f"lds.snr_rule must be one of {list(SNR_RULES)}, not {rule!r}")
+    return rule
+
+
 def snr_lds(
     scores: ArrayLike,
     masks: ArrayLike,
     losses: ArrayLike,
     zeta: float = DEFAULT_ZETA,
     fit_scores: ArrayLike | None = None,
+    rule: str = DEFAULT_SNR_RULE,
+    readout: str = "linear",
 ) -> SNRLDSResult:
     """SNR-LDS of a score matrix: (Q x N, M x N, M x Q) -> :class:`SNRLDSResult`. NOT comparable with the LDS.
 
-    ``fit_scores`` (Q x N, default ``scores``) are fitted and thresholded; ``scores`` are aggregated.
+    ``scores`` are the stored scores, the method's ``readout`` ("linear", "square" or "signed_square") of its signed
+    score; they are what the kept rows aggregate. ``fit_scores`` (Q x N) are fitted and thresholded instead when
+    given. Without them the author rule fits the signed pre-square score recovered from ``scores`` (itself, or
+    sign(v) sqrt(|v|) for a signed square) and refuses a plain square, which keeps no sign; the stored rule fits
+    ``scores`` (``readout`` unused).
     """
+    check_rule(rule)
+    if readout not in READOUT_POWERS:
+        raise ValueError(f"readout must be one of {list(READOUT_POWERS)}, not {readout!r}")
     scores_t, masks_t, losses_t = _as_tensor(scores), _as_tensor(masks), _as_tensor(losses)
-    fitting = scores_t if fit_scores is None else _as_tensor(fit_scores)
+    if fit_scores is not None:
+        fitting = _as_tensor(fit_scores)
+    elif rule == "stored" or readout == "linear":
+        fitting = scores_t
+    elif readout == "signed_square":
+        fitting = signed_root(scores_t)
+    else:
+        raise ValueError(
+            "a squared readout s^2 keeps no sign: the author rule fits the signed pre-square scores, give them as "
+            "fit_scores (or use rule='stored')"
+        )
     if fitting.shape != scores_t.shape:
         raise ValueError(f"fit_scores {tuple(fitting.shape)} and scores {tuple(scores_t.shape)} differ")
     if scores_t.dim() != 2 or masks_t.dim() != 2 or masks_t.shape[1] != scores_t.shape[1]:
@@ -266,14 +331,158 @@ def snr_lds(
         else:
             status.append("valid")
     valid = torch.tensor([value == "valid" for value in status], dtype=torch.bool)
-    per_query = torch.where(valid, per_query, torch.nan)
+    # author: a query where nothing stands out predicts nothing, so it scores 0 and the mean is over every query
+    if rule == "author":
+        per_query = torch.where(valid, per_query, 0.0)
+        mean = float(per_query.mean()) if per_query.numel() else math.nan
+    else:
+        per_query = torch.where(valid, per_query, torch.nan)
+        mean = nanmean_with_count(per_query)[0]
     return SNRLDSResult(
         label=SNR_LDS_LABEL,
         zeta=float(zeta),
-        mean=nanmean_with_count(per_query)[0],
+        rule=rule,
+        mean=mean,
         per_query=per_query,
         query_status=tuple(status),
         selected=selected,
         fit=fit,
         full_lds_on_valid=nanmean_with_count(torch.where(valid, full, torch.nan))[0],
     )
+
+
+# ----------------------------------------------------------------------------- what the LDS stage fits, per method
+
+
+class SignUnavailableError(ConfigError):
+    """The author rule needs a method's signed pre-square scores and its score folders do not hold them."""
+
+
+@dataclass(frozen=True)
+class SignedInputs:
+    """What :func:`snr_lds` needs beside a method's stored scores under the author rule."""
+
+    readout: str  # the method's readout power (its manifest's method.square)
+    fit_scores: np.ndarray | None  # the signed pre-square scores where the stored ones cannot give them
+    fit_on: str  # where the fitted scores come from, for the report
+
+
+# a score manifest's keys that may differ between a squared method and its linear sibling
+_SIBLING_FREE_KEYS = {
+    "method",
+    "picture",
+    "complete",
+    FILES_KEY,
+    "lambda_scales",
+    "lambdas",
+    "spectrum_relative",
+}
+_SIBLING_FREE_SETTINGS = {"name", "square", "lambda_scales"}
+
+
+def signed_inputs(
+    scores_dir: Path, method: str, query_set: str, scale: float | None, stored: np.ndarray
+) -> SignedInputs:
+    """The readout of ``method`` (from its score manifest) and, for a plain square, its signed scores at lambda
+    scale ``scale`` from a sibling score folder: the same method and model (every scored setting but ``name``,
+    ``square`` and the grid) with a linear or signed-square readout whose square reproduces ``stored`` (Q x N).
+
+    Raises :class:`SignUnavailableError`, naming the method and what would work, for a plain square without such a
+    sibling and for an ensemble of squared or signed-square readouts (a mean of squares is the square of no one
+    signed score)."""
+    manifest = read_manifest(Path(scores_dir) / method / query_set) or {}
+    settings = manifest.get("method") or {}
+    readout = readout_power(settings.get("square", False))  # methods without a readout power are linear
+    if readout == "linear":
+        return SignedInputs(readout, None, "stored scores")
+    if manifest.get("ensemble"):
+        raise SignUnavailableError(
+            f"SNR-LDS (lds.snr_rule=author) cannot fit method {method!r}: it is an ensemble of {readout} readouts, "
+            "whose stored mean of squares is the square of no one signed score; use lds.snr_rule=stored for it"
+        )
+    if readout == "signed_square":
+        return SignedInputs(readout, None, "signed root of the stored scores")
+    tried: list[str] = []
+    for folder in sorted(path / query_set for path in Path(scores_dir).iterdir() if path.name != method):
+        other = read_manifest(folder) if folder.is_dir() else None
+        if other is None or not other.get("complete"):
+            continue
+        other_settings = other.get("method") or {}
+        other_readout = readout_power(other_settings.get("square", False))
+        if (
+            other_readout == "square"
+            or other.get("ensemble")
+            or _differ(other, manifest, other_settings, settings)
+        ):
+            continue
+        if scale is not None and scale not in (other.get("lambda_scales") or []):
+            tried.append(f"{folder.parent.name} (no c = {scale:g} on its grid)")
+            continue
+        from das_lightning.attribution.pipeline import load_scores, scores_at  # the LDS stage's reader
+
+        stacked, _ = load_scores(folder)
+        signed = np.asarray(scores_at(stacked, other, scale), dtype=np.float64)
+        if other_readout == "signed_square":
+            signed = signed_root(signed).numpy()
+        stored64 = np.asarray(stored, dtype=np.float64)
+        atol = 1e-4 * float(np.abs(stored64).max(initial=0.0))
+        if signed.shape != stored64.shape or not np.allclose(signed**2, stored64, rtol=1e-3, atol=atol):
+            tried.append(f"{folder.parent.name} (its square differs from the stored scores)")
+            continue
+        return SignedInputs(readout, signed, f"signed scores of {folder.parent.name}")
+    at_scale = "" if scale is None else f" at c = {scale:g}"
+    candidates = f" (tried: {', '.join(tried)})" if tried else ""
+    raise SignUnavailableError(
+        f"SNR-LDS (lds.snr_rule=author) cannot fit method {method!r}: its readout is a plain square s^2 "
+        f"(method.square=square), which keeps no sign, and no score folder under {scores_dir} holds its signed "
+        f"scores for {query_set}{at_scale}{candidates}. Score them, e.g. `python attribute.py method={method} "
+        f"method.square=linear method.name={method}_signed`, or use lds.snr_rule=stored"
+    )
+
+
+def _differ(
+    other: dict[str, Any], manifest: dict[str, Any], other_settings: dict[str, Any], settings: dict[str, Any]
+) -> bool:
+    """Whether two score manifests differ in more than a sibling may (name, readout, grid)."""
+    keys = (set(other) | set(manifest)) - _SIBLING_FREE_KEYS
+    if any(other.get(key) != manifest.get(key) for key in keys - {"lambda_unit"}):
+        return True
+    units = other.get("lambda_unit"), manifest.get("lambda_unit")
+    if (units[0] is None) != (units[1] is None) or (
+        units[0] is not None and not math.isclose(float(units[0]), float(units[1]), rel_tol=1e-5)
+    ):
+        return True
+    setting_keys = (set(other_settings) | set(settings)) - _SIBLING_FREE_SETTINGS
+    return any(other_settings.get(key) != settings.get(key) for key in setting_keys)
+
+
+def snr_row(
+    scores_dir: Path,
+    method: str,
+    query_set: str,
+    scale: float | None,
+    scores: np.ndarray,
+    masks: ArrayLike,
+    losses: ArrayLike,
+    zeta: float,
+    rule: str,
+) -> dict[str, Any]:
+    """The LDS stage's SNR-LDS row of one method on one query set (its scores at lambda scale ``scale``): the
+    summary, where the fitted scores came from (``fit_on``), or, where the author rule cannot have the signed scores,
+    ``refused`` with the reason (logged too: the LDS itself is still reported)."""
+    row: dict[str, Any] = {"method": method, "query_set": query_set}
+    if rule == "stored":  # the first rule, exactly: the stored scores fitted and aggregated
+        return {
+            **row,
+            **snr_lds(scores, masks, losses, zeta=zeta, rule=rule).summary(),
+            "fit_on": "stored scores",
+        }
+    try:
+        signed = signed_inputs(scores_dir, method, query_set, scale, scores)
+    except SignUnavailableError as refusal:
+        log.warning("%s", refusal)
+        return {**row, "label": SNR_LDS_LABEL, "zeta": zeta, "rule": rule, "refused": str(refusal)}
+    result = snr_lds(
+        scores, masks, losses, zeta=zeta, fit_scores=signed.fit_scores, rule=rule, readout=signed.readout
+    )
+    return {**row, **result.summary(), "fit_on": signed.fit_on}
