@@ -202,19 +202,30 @@ def test_method_without_lambda_and_outputs(tmp_path) -> None:
     assert (pictures[0] != pictures[1]).any() and (pictures[1] != pictures[2]).any()
 
 
-def test_the_reported_interval_includes_the_seed_and_a_difference_must_survive_it() -> None:
-    """Ground truth of two training seeds that disagree: each record shows both per-seed LDS, its LDS is the one of
-    the averaged losses, and its interval (which resamples seeds) is wider than with one seed."""
+def test_seeds_enter_the_reported_interval_only_from_four_and_a_difference_must_survive_it() -> None:
+    """Ground truth of training seeds that disagree: each record shows every per-seed LDS and its LDS is the one of
+    the averaged losses. With two seeds its interval is the two-way one on the averaged losses (two seeds cannot
+    estimate a seed variance); with four it resamples the seeds too and is wider."""
     scores_by_lambda, masks, losses = lambda_problem()
     rng = np.random.default_rng(5)
-    other_seed = losses + rng.normal(scale=2.0 * losses.std(), size=losses.shape)
-    by_seed = np.stack([losses, other_seed])
+    others = [losses + rng.normal(scale=2.0 * losses.std(), size=losses.shape) for _ in range(3)]
+    by_seed = np.stack([losses, others[0]])
     averaged = by_seed.mean(0)
     one_seed = evaluate_method(scores_by_lambda, masks, averaged, "das", "val", 300)
     two_seeds = evaluate_method(scores_by_lambda, masks, averaged, "das", "val", 300, losses_by_seed=by_seed)
     for single, several in zip(one_seed, two_seeds, strict=True):
         assert several.lds == pytest.approx(single.lds)  # the point estimate is the averaged ground truth's
         assert len(several.per_seed) == 2 and len(single.per_seed) == 1
+        assert (several.ci_low, several.ci_high) == pytest.approx((single.ci_low, single.ci_high))
+        assert not several.seed_interval
+    four = np.stack([losses, *others])
+    four_averaged = four.mean(0)
+    plain_four = evaluate_method(scores_by_lambda, masks, four_averaged, "das", "val", 300)
+    seeded_four = evaluate_method(
+        scores_by_lambda, masks, four_averaged, "das", "val", 300, losses_by_seed=four
+    )
+    for single, several in zip(plain_four, seeded_four, strict=True):
+        assert several.seed_interval and len(several.per_seed) == 4
         assert several.ci_high - several.ci_low > single.ci_high - single.ci_low
     oracle = two_seeds[1]
     assert oracle.per_seed[0] == pytest.approx(

@@ -21,9 +21,12 @@ from das_lightning.evaluation.lds import (
     nanmean_with_count,
     predictions,
 )
+from das_lightning.evaluation.shared_factor import remove_shared_factor
 from das_lightning.seeding import derive_seed
 
 HELDOUT_MODES = ("queries", "queries_and_subsets")
+# which LDS chooses c: the plain one (the protocol's, the default) or the centred one (evaluation/shared_factor.py)
+SELECTION_CRITERIA = ("plain", "centred")
 
 
 def heldout_split(num_queries: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -91,20 +94,26 @@ def lds_by_lambda(
     masks: ArrayLike,
     losses: ArrayLike,
     query_indices: ArrayLike | None = None,
+    criterion: str = "plain",
 ) -> dict[Lambda, float]:
     """Mean LDS (fraction) of each lambda's score matrix, on ``query_indices`` only (all queries if None).
 
-    The other queries are sliced away before anything is computed, so they cannot influence the result.
+    The other queries are sliced away before anything is computed, so they cannot influence the result (the
+    ``centred`` criterion centres predictions and losses on the kept queries alone).
     """
+    if criterion not in SELECTION_CRITERIA:
+        raise ConfigError(f"lds.selection must be one of {list(SELECTION_CRITERIA)}, not {criterion!r}")
     masks_t, losses_t = _as_tensor(masks), _as_tensor(losses)
     curve: dict[Lambda, float] = {}
     for lambda_, scores in scores_by_lambda.items():
         scores_t = _as_tensor(scores)
         _check_contract(scores_t, masks_t, losses_t)
         scores_sel, losses_sel = _select_queries(scores_t, losses_t, query_indices)
-        curve[lambda_], _ = nanmean_with_count(
-            lds_from_predictions(predictions(scores_sel, masks_t), losses_sel)
-        )
+        predicted = predictions(scores_sel, masks_t)
+        if criterion == "centred":
+            predicted = _as_tensor(remove_shared_factor(predicted))
+            losses_sel = _as_tensor(remove_shared_factor(losses_sel))
+        curve[lambda_], _ = nanmean_with_count(lds_from_predictions(predicted, losses_sel))
     return curve
 
 
@@ -113,9 +122,11 @@ def select_lambda(
     masks: ArrayLike,
     losses: ArrayLike,
     selection_queries: ArrayLike | None,
+    criterion: str = "plain",
 ) -> Lambda:
-    """The lambda with the best mean LDS on ``selection_queries`` (the smallest lambda on a tie; NaN loses)."""
-    curve = lds_by_lambda(scores_by_lambda, masks, losses, selection_queries)
+    """The lambda with the best mean LDS (``criterion``: plain or centred) on ``selection_queries`` (the smallest
+    lambda on a tie; NaN loses)."""
+    curve = lds_by_lambda(scores_by_lambda, masks, losses, selection_queries, criterion)
     return max(
         sorted(curve, key=lambda value: -math.inf if value is None else value),
         key=lambda value: -math.inf if math.isnan(curve[value]) else curve[value],

@@ -20,10 +20,14 @@ from typing import Any
 import numpy as np
 
 from das_lightning.evaluation.intervals import (
+    MIN_SEEDS_FOR_SEED_INTERVAL,
     MIN_SUBSETS,
+    BootstrapInterval,
     SeedSpread,
+    paired_two_way_difference,
     seed_spread_difference,
     seed_spread_lds,
+    two_way_bootstrap,
 )
 from das_lightning.evaluation.lambda_selection import (
     heldout_halves,
@@ -31,15 +35,33 @@ from das_lightning.evaluation.lambda_selection import (
     select_lambda,
     subset_rows,
 )
-from das_lightning.evaluation.lds import ArrayLike, Lambda
+from das_lightning.evaluation.lds import (
+    ArrayLike,
+    Lambda,
+    lds_from_predictions,
+    nanmean_with_count,
+    predictions,
+)
+from das_lightning.evaluation.shared_factor import (
+    factor_share,
+    leave_one_query_out,
+    query_averaged,
+    remove_shared_factor,
+)
 from das_lightning.lambdas import grid_edge
 from das_lightning.manifest import atomic_save
 
 log = logging.getLogger(__name__)
 
 INTERVAL = (
-    "two-way bootstrap over queries and subsets (half-sampling), bias-corrected, seeds resampled when R > 1"
+    "two-way bootstrap over queries and subsets (half-sampling), bias-corrected, on the seed-averaged ground truth"
+    f" (conditional on the seeds trained); seeds resampled too from R = {MIN_SEEDS_FOR_SEED_INTERVAL} seeds on"
 )
+# The damping-dominated flag: at c >= N (lambda >= trace(K) >= the largest eigenvalue of K, and the same for EK-FAC's
+# d = c x trace(G)/N) every eigenvalue of (K + lambda I)^-1 lies within a factor 2 of 1/lambda: the method is, within
+# that tolerance, the plain dot product of its features (METHOD.md §8).
+DAMPING_DOMINATED_C_PER_TRAIN = 1.0
+DAMPING_TOLERANCE = "(K + lambda I)^-1 within a factor 2 of I/lambda (c >= N: lambda >= trace(K))"
 
 
 def _percent(value: float) -> float:
@@ -74,12 +96,26 @@ class LDSRecord:
     interval: str = INTERVAL
     # an ensemble's members: each one's name, weights checksum and own lambda unit (c x unit is its lambda)
     members: tuple[dict[str, Any], ...] = ()
+    # the centred LDS (das_lightning/evaluation/shared_factor.py) of the same scores at the same c, on the same
+    # queries and subsets: the shared subset ranking removed from losses and predictions; None when not computed
+    centred: float | None = None
+    centred_ci_low: float | None = None
+    centred_ci_high: float | None = None
+    centred_per_seed: tuple[float, ...] = ()
+    # the LDS of the method's query-averaged prediction (one subset ranking for every query): how much of ``lds``
+    # a query-agnostic ranking earns
+    query_averaged: float | None = None
+    # c >= DAMPING_DOMINATED_C_PER_TRAIN x N: the scores are the plain dot product within DAMPING_TOLERANCE
+    damping_dominated: bool = False
+    seed_interval: bool = False  # whether [ci_low, ci_high] resamples the training seeds too
+    selected_on: str = "plain"  # which LDS chose c (lds.selection)
 
     def to_json(self) -> dict[str, Any]:
         record = dataclasses.asdict(self)
         record["lambda_scale"] = record.pop("lambda_")
         record["lambda"] = record.pop("lambda_absolute")
         record["per_seed"] = list(record["per_seed"])
+        record["centred_per_seed"] = list(record["centred_per_seed"])
         if record["members"]:
             record["members"] = [dict(member) for member in record["members"]]
         else:
@@ -99,14 +135,60 @@ class PairedDifference:
     ci_high: float
     per_seed: tuple[float, ...] = ()
     interval: str = INTERVAL
+    # the same difference on the centred LDS (shared subset ranking removed), same draws; None when not computed
+    centred_diff: float | None = None
+    centred_ci_low: float | None = None
+    centred_ci_high: float | None = None
 
     @property
     def resolved(self) -> bool:
-        """The interval excludes zero: the difference survives the queries, the subsets and the seed."""
+        """The interval excludes zero: the difference survives the queries and the subsets (and the seeds, from
+        MIN_SEEDS_FOR_SEED_INTERVAL seeds on)."""
         return self.ci_low > 0 or self.ci_high < 0
 
+    @property
+    def centred_resolved(self) -> bool | None:
+        if self.centred_ci_low is None or self.centred_ci_high is None:
+            return None
+        return self.centred_ci_low > 0 or self.centred_ci_high < 0
+
     def to_json(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "per_seed": list(self.per_seed), "resolved": self.resolved}
+        return {
+            **dataclasses.asdict(self),
+            "per_seed": list(self.per_seed),
+            "resolved": self.resolved,
+            "centred_resolved": self.centred_resolved,
+        }
+
+
+@dataclass(frozen=True)
+class SharedFactorRecord:
+    """How much of a query set's LDS one subset ranking can explain, PERCENT: ``factor_share`` (the standardised
+    losses' first principal component), and the query-agnostic ceiling (each query predicted by the other queries'
+    mean standardised loss) with its interval, on the queries and subsets of ``lambda_selection``'s records
+    (heldout: the report half; oracle: all)."""
+
+    query_set: str
+    lambda_selection: str
+    factor_share: float
+    ceiling: float
+    ceiling_ci_low: float
+    ceiling_ci_high: float
+    num_subsets: int
+    num_queries: int
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class CentredLDS:
+    """The centred LDS of one prediction matrix (fractions): its two-way interval on the centred seed-averaged
+    ground truth, the point against each seed's centred ground truth, and the query-averaged prediction's LDS."""
+
+    interval: BootstrapInterval
+    per_seed: tuple[float, ...]
+    query_averaged: float
 
 
 def _record(
@@ -119,14 +201,16 @@ def _record(
     lambda_unit: float | None,
     grid: Sequence[float],
     heldout_mode: str,
+    centred: CentredLDS | None,
+    num_train: int,
 ) -> LDSRecord:
     return LDSRecord(
         method=method,
         query_set=query_set,
         lds=_percent(result.averaged.estimate),
         # the bias correction shifts the interval; a mean Spearman stays within [-100, 100]
-        ci_low=max(-100.0, _percent(result.seed_low)),
-        ci_high=min(100.0, _percent(result.seed_high)),
+        ci_low=max(-100.0, _percent(result.low)),
+        ci_high=min(100.0, _percent(result.high)),
         lambda_=lambda_,
         lambda_selection=lambda_selection,
         num_subsets=num_subsets,
@@ -137,7 +221,113 @@ def _record(
         heldout_mode=heldout_mode,
         per_seed=tuple(_percent(value) for value in result.per_seed),
         bias=_percent(result.averaged.bias),
+        centred=None if centred is None else _percent(centred.interval.estimate),
+        centred_ci_low=None if centred is None else max(-100.0, _percent(centred.interval.corrected_low)),
+        centred_ci_high=None if centred is None else min(100.0, _percent(centred.interval.corrected_high)),
+        centred_per_seed=() if centred is None else tuple(_percent(value) for value in centred.per_seed),
+        query_averaged=None if centred is None else _percent(centred.query_averaged),
+        damping_dominated=damping_dominated(lambda_, num_train),
+        seed_interval=result.seed_interval,
     )
+
+
+def damping_dominated(lambda_: Lambda, num_train: int) -> bool:
+    """True when c >= N (:data:`DAMPING_DOMINATED_C_PER_TRAIN` x N): the method is its features' plain dot product
+    within :data:`DAMPING_TOLERANCE`. Methods without a lambda are never flagged."""
+    return lambda_ is not None and lambda_ >= DAMPING_DOMINATED_C_PER_TRAIN * num_train
+
+
+def _rows_and_columns(
+    matrix: np.ndarray, subsets: np.ndarray | None, queries: ArrayLike | None
+) -> np.ndarray:
+    """``matrix[..., subsets, queries]`` for an (R x) M x Q array (None: all)."""
+    if subsets is not None:
+        matrix = np.take(matrix, subsets, axis=-2)
+    if queries is not None:
+        matrix = np.take(matrix, np.asarray(queries), axis=-1)
+    return matrix
+
+
+def centred_lds(predicted: ArrayLike, losses_by_seed: ArrayLike, num_resamples: int, seed: int) -> CentredLDS:
+    """The centred LDS of predictions (M x Q) against R x M x Q losses, on exactly these subsets and queries (the
+    centring sees no others): the seed-averaged losses and the predictions both centred
+    (:func:`das_lightning.evaluation.shared_factor.remove_shared_factor`), the two-way interval of
+    :data:`INTERVAL` on them (the centring is computed once, not per replicate), and each seed's centred LDS."""
+    predicted = np.asarray(predicted, dtype=np.float64)
+    by_seed = np.asarray(losses_by_seed, dtype=np.float64)
+    centred_predicted = remove_shared_factor(predicted)
+    identity = np.eye(len(predicted))  # predictions stand in for scores: g = I @ g
+    interval = two_way_bootstrap(
+        centred_predicted.T,
+        identity,
+        remove_shared_factor(by_seed.mean(axis=0)),
+        num_resamples,
+        seed,
+        scheme=_scheme(len(predicted)),
+    )
+    per_seed = tuple(
+        nanmean_with_count(
+            lds_from_predictions(_tensor(centred_predicted), _tensor(remove_shared_factor(losses)))
+        )[0]
+        for losses in by_seed
+    )
+    averaged = by_seed.mean(axis=0)
+    agnostic, _ = nanmean_with_count(
+        lds_from_predictions(_tensor(query_averaged(predicted)), _tensor(averaged))
+    )
+    return CentredLDS(interval, per_seed, agnostic)
+
+
+def _tensor(values: np.ndarray) -> Any:
+    import torch
+
+    return torch.as_tensor(values, dtype=torch.float64)
+
+
+def shared_factor_record(
+    query_set: str,
+    lambda_selection: str,
+    losses_by_seed: ArrayLike,
+    num_resamples: int,
+    seed: int,
+) -> SharedFactorRecord:
+    """The factor share and the query-agnostic ceiling of R x M x Q losses (already restricted to the reported
+    subsets and queries), percent."""
+    averaged = np.asarray(losses_by_seed, dtype=np.float64).mean(axis=0)
+    ceiling = two_way_bootstrap(
+        leave_one_query_out(averaged).T,
+        np.eye(len(averaged)),
+        averaged,
+        num_resamples,
+        seed,
+        scheme=_scheme(len(averaged)),
+    )
+    return SharedFactorRecord(
+        query_set=query_set,
+        lambda_selection=lambda_selection,
+        factor_share=_percent(factor_share(averaged)),
+        ceiling=_percent(ceiling.estimate),
+        ceiling_ci_low=max(-100.0, _percent(ceiling.corrected_low)),
+        ceiling_ci_high=min(100.0, _percent(ceiling.corrected_high)),
+        num_subsets=averaged.shape[0],
+        num_queries=averaged.shape[1],
+    )
+
+
+def shared_factor_records(
+    query_set: str,
+    losses_by_seed: ArrayLike,
+    halves: Any,
+    num_resamples: int,
+    seed: int,
+) -> list[SharedFactorRecord]:
+    """:func:`shared_factor_record` on the report half (``heldout``) and on everything (``oracle``)."""
+    by_seed = np.asarray(losses_by_seed, dtype=np.float64)
+    report = _rows_and_columns(by_seed, halves.report_subsets, halves.report_queries)
+    return [
+        shared_factor_record(query_set, "heldout", report, num_resamples, seed),
+        shared_factor_record(query_set, "oracle", by_seed, num_resamples, seed),
+    ]
 
 
 def _by_seed(losses: ArrayLike, losses_by_seed: ArrayLike | None) -> np.ndarray:
@@ -188,25 +378,31 @@ def evaluate_method(
     heldout: str = "queries",
     members: Sequence[Mapping[str, Any]] = (),
     losses_by_seed: ArrayLike | None = None,
+    num_train: int | None = None,
+    selection: str = "plain",
 ) -> list[LDSRecord]:
-    """The two LDS figures of a method, in percent: ``[heldout, oracle]``.
+    """The two LDS figures of a method, in percent: ``[heldout, oracle]``, each with its centred LDS and its
+    query-averaged prediction's LDS at the same c on the same queries and subsets. ``selection`` (``lds.selection``)
+    says which LDS chooses c: ``plain`` (default: the protocol's, so the centred figure describes the score matrix
+    the plain one does) or ``centred``.
 
     heldout: lambda chosen on the selection half of :func:`heldout_halves` (``heldout`` mode), LDS (+ CI) on the
     report half. oracle: lambda with the best LDS on all queries and subsets, LDS (+ CI) on all of them.
     A method without lambda passes ``{None: scores}``; with nothing to choose, its heldout record is simply the LDS on
     the report half, so every row of a table compares methods on the same queries (and subsets).
     ``losses`` (M x Q) chooses lambda; ``losses_by_seed`` (R x M x Q, whose mean is ``losses``) gives the per-seed
-    values and the seed-aware interval (None: one seed).
+    values (None: one seed). ``num_train`` (N, for the damping-dominated flag): default the masks' columns.
     """
     by_seed = _by_seed(losses, losses_by_seed)
+    num_train = np.shape(masks)[1] if num_train is None else num_train
     num_subsets, num_queries = np.shape(losses)
     halves = heldout_halves(num_queries, num_subsets, heldout, seed)
     grid = [key for key in scores_by_lambda if key is not None]
     selection_masks, selection_losses = subset_rows(masks, losses, halves.selection_subsets)
     heldout_lambda = select_lambda(
-        scores_by_lambda, selection_masks, selection_losses, halves.selection_queries
+        scores_by_lambda, selection_masks, selection_losses, halves.selection_queries, selection
     )
-    oracle_lambda = select_lambda(scores_by_lambda, masks, losses, None)
+    oracle_lambda = select_lambda(scores_by_lambda, masks, losses, None, selection)
     report_masks, _ = subset_rows(masks, losses, halves.report_subsets)
     report_by_seed = seed_subset_rows(by_seed, halves.report_subsets)
     heldout_result = reported_lds(
@@ -218,6 +414,17 @@ def evaluate_method(
         halves.report_queries,
     )
     oracle = reported_lds(scores_by_lambda[oracle_lambda], masks, by_seed, num_resamples, seed)
+    heldout_centred = centred_lds(
+        _rows_and_columns(
+            predictions(scores_by_lambda[heldout_lambda], report_masks).numpy(), None, halves.report_queries
+        ),
+        _rows_and_columns(report_by_seed, None, halves.report_queries),
+        num_resamples,
+        seed,
+    )
+    oracle_centred = centred_lds(
+        predictions(scores_by_lambda[oracle_lambda], masks).numpy(), by_seed, num_resamples, seed
+    )
     member_records = tuple(dict(member) for member in members)
     records = [
         _record(
@@ -230,10 +437,24 @@ def evaluate_method(
             lambda_unit,
             grid,
             heldout,
+            heldout_centred,
+            num_train,
         ),
-        _record(method, query_set, oracle, oracle_lambda, "oracle", num_subsets, lambda_unit, grid, heldout),
+        _record(
+            method,
+            query_set,
+            oracle,
+            oracle_lambda,
+            "oracle",
+            num_subsets,
+            lambda_unit,
+            grid,
+            heldout,
+            oracle_centred,
+            num_train,
+        ),
     ]
-    return [dataclasses.replace(record, members=member_records) for record in records]
+    return [dataclasses.replace(record, members=member_records, selected_on=selection) for record in records]
 
 
 def paired_difference(
@@ -249,25 +470,43 @@ def paired_difference(
     query_indices: ArrayLike | None = None,
     losses_by_seed: ArrayLike | None = None,
 ) -> PairedDifference:
-    """LDS(a) - LDS(b) with the paired :data:`INTERVAL` (same queries, subsets and seeds for both), percent."""
+    """LDS(a) - LDS(b) with the paired :data:`INTERVAL` (same queries, subsets and seeds for both), percent, and
+    the same difference on the centred LDS (each side centred on these queries and subsets alone)."""
+    by_seed = _by_seed(losses, losses_by_seed)
     spread = seed_spread_difference(
         scores_a,
         scores_b,
         masks,
-        _by_seed(losses, losses_by_seed),
+        by_seed,
         num_resamples,
         seed,
         scheme=_scheme(len(masks)),
         query_indices=query_indices,
+    )
+    centred_a, centred_b = (
+        remove_shared_factor(_rows_and_columns(predictions(scores, masks).numpy(), None, query_indices))
+        for scores in (scores_a, scores_b)
+    )
+    centred = paired_two_way_difference(
+        centred_a.T,
+        centred_b.T,
+        np.eye(len(centred_a)),
+        remove_shared_factor(_rows_and_columns(by_seed, None, query_indices).mean(axis=0)),
+        num_resamples,
+        seed,
+        scheme=_scheme(len(masks)),
     )
     return PairedDifference(
         a,
         b,
         query_set,
         _percent(spread.averaged.estimate),
-        max(-200.0, _percent(spread.seed_low)),
-        min(200.0, _percent(spread.seed_high)),
+        max(-200.0, _percent(spread.low)),
+        min(200.0, _percent(spread.high)),
         tuple(_percent(value) for value in spread.per_seed),
+        centred_diff=_percent(centred.estimate),
+        centred_ci_low=max(-200.0, _percent(centred.corrected_low)),
+        centred_ci_high=min(200.0, _percent(centred.corrected_high)),
     )
 
 
@@ -275,15 +514,26 @@ def _format_interval(value: float, low: float, high: float) -> str:
     return f"{value:.2f} [{low:.2f}, {high:.2f}]"
 
 
-def markdown_table(records: Sequence[LDSRecord], differences: Sequence[PairedDifference] = ()) -> str:
-    """A markdown table of the records (LDS % with 95% CI) and, if any, one of the paired differences."""
+def _optional_interval(value: float | None, low: float | None, high: float | None) -> str:
+    return "-" if value is None or low is None or high is None else _format_interval(value, low, high)
+
+
+def markdown_table(
+    records: Sequence[LDSRecord],
+    differences: Sequence[PairedDifference] = (),
+    shared: Sequence[SharedFactorRecord] = (),
+) -> str:
+    """A markdown table of the records (plain and centred LDS % with 95% CI, the query-averaged prediction's LDS),
+    one of the query-agnostic baselines per query set (``shared``) and one of the paired differences, plain and
+    centred."""
     several_seeds = any(len(record.per_seed) > 1 for record in records)
     seeds_header = " per seed (%) |" if several_seeds else ""
     lines = [
-        f"| method | query set | lambda selection | c (lambda) | LDS (%) [95% CI] |{seeds_header} subsets | queries |",
-        "|---|---|---|---|---|---|---|" + ("---|" if several_seeds else ""),
+        f"| method | query set | lambda selection | c (lambda) | LDS (%) [95% CI] |{seeds_header} "
+        "centred LDS (%) [95% CI] | query-averaged (%) | subsets | queries |",
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if several_seeds else ""),
     ]
-    edges = []
+    edges, dominated = [], []
     for record in records:
         lambda_text = "-" if record.lambda_ is None else f"{record.lambda_:g}"
         if record.lambda_absolute is not None:
@@ -291,56 +541,104 @@ def markdown_table(records: Sequence[LDSRecord], differences: Sequence[PairedDif
         if record.edge is not None:
             lambda_text += " *"
             edges.append(f"{record.method}/{record.query_set}/{record.lambda_selection}: {record.edge} edge")
+        if record.damping_dominated:
+            lambda_text += " †"
+            dominated.append(f"{record.method}/{record.query_set}/{record.lambda_selection}")
         queries = f"{record.num_queries}" + (
             f" ({record.num_undefined} undefined)" if record.num_undefined else ""
         )
         per_seed = f" {', '.join(f'{value:.2f}' for value in record.per_seed)} |" if several_seeds else ""
+        agnostic = "-" if record.query_averaged is None else f"{record.query_averaged:.2f}"
         lines.append(
             f"| {record.method} | {record.query_set} | {record.lambda_selection} | {lambda_text} | "
-            f"{_format_interval(record.lds, record.ci_low, record.ci_high)} |{per_seed} {record.num_subsets} | "
-            f"{queries} |"
+            f"{_format_interval(record.lds, record.ci_low, record.ci_high)} |{per_seed} "
+            f"{_optional_interval(record.centred, record.centred_ci_low, record.centred_ci_high)} | {agnostic} | "
+            f"{record.num_subsets} | {queries} |"
         )
     lines.append("")
     lines.append(
-        f"95% CI: {INTERVAL}. c: lambda in units of trace(K)/N (das_lightning/lambdas.py)."
+        f"95% CI: {INTERVAL}. c: lambda in units of trace(K)/N (das_lightning/lambdas.py), chosen on the plain LDS; "
+        "the centred LDS is the same scores at the same c with the subset ranking shared by all queries removed "
+        "from losses and predictions, and query-averaged is the LDS of the method's one ranking for all queries "
+        "(das_lightning/evaluation/shared_factor.py)."
         + (
             " * selection on an edge of the grid, the optimum may lie beyond (widen method.lambda_scales): "
             + "; ".join(edges)
+            + "."
             if edges
             else " No selection is on an edge of the grid."
         )
+        + (
+            f" † damping-dominated, {DAMPING_TOLERANCE}: the plain dot product of the features: "
+            + "; ".join(dominated)
+            + "."
+            if dominated
+            else " No selection is damping-dominated."
+        )
     )
+    if shared:
+        lines += [
+            "",
+            "How much one subset ranking for all queries explains (query-agnostic baselines):",
+            "",
+            "| query set | as the records | first factor's share of variance (%) | ceiling: other queries' mean "
+            "loss (%) [95% CI] | subsets | queries |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {row.query_set} | {row.lambda_selection} | {row.factor_share:.1f} | "
+            f"{_format_interval(row.ceiling, row.ceiling_ci_low, row.ceiling_ci_high)} | {row.num_subsets} | "
+            f"{row.num_queries} |"
+            for row in shared
+        ]
     if differences:
         lines += [
             "",
-            "| a | b | query set | LDS(a) - LDS(b) (%) [95% paired CI] | resolved |",
-            "|---|---|---|---|---|",
+            "| a | b | query set | LDS(a) - LDS(b) (%) [95% paired CI] | resolved | centred LDS(a) - LDS(b) (%) "
+            "[95% paired CI] | resolved |",
+            "|---|---|---|---|---|---|---|",
         ]
         lines += [
             f"| {d.a} | {d.b} | {d.query_set} | {_format_interval(d.diff, d.ci_low, d.ci_high)} | "
-            f"{'yes' if d.resolved else 'no'} |"
+            f"{'yes' if d.resolved else 'no'} | "
+            f"{_optional_interval(d.centred_diff, d.centred_ci_low, d.centred_ci_high)} | "
+            f"{'-' if d.centred_resolved is None else ('yes' if d.centred_resolved else 'no')} |"
             for d in differences
         ]
     return "\n".join(lines) + "\n"
 
 
 def snr_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """SNR-LDS rows (``lds.snr_zeta``) as their own table, titled with its label: never an LDS column."""
+    """SNR-LDS rows (``lds.snr_zeta``) as their own table, titled with its label and rule: never an LDS column.
+
+    A method the author rule refused (a squared readout without its signed scores) has a row that says so, and the
+    reason below the table."""
+    from das_lightning.evaluation.snr_lds import SNR_RULES
+
     if not rows:
         return ""
+    rule = rows[0].get("rule", "stored")
     lines = [
         "",
-        f"{rows[0]['label']}, zeta = {rows[0]['zeta']:g}:",
+        f"{rows[0]['label']}, zeta = {rows[0]['zeta']:g}, rule = {rule} ({SNR_RULES.get(rule, 'unknown')}):",
         "",
-        "| method | query set | SNR-LDS (%) | LDS on the same queries (%) | valid | fit failed | empty | rows kept (median) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | query set | SNR-LDS (%) | LDS on the valid queries (%) | valid | fit failed | empty | "
+        "rows kept (median) | fitted on |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += [
-        f"| {row['method']} | {row['query_set']} | {row['snr_lds']:.2f} | {row['full_lds_on_valid']:.2f} | "
-        f"{row['num_valid']} of {row['num_queries']} | {row['num_fit_failed']} | {row['num_empty']} | "
-        f"{row['median_rows_kept']:g} |"
-        for row in rows
-    ]
+    refusals = []
+    for row in rows:
+        if "refused" in row:
+            lines.append(f"| {row['method']} | {row['query_set']} | refused | - | - | - | - | - | - |")
+            refusals.append(f"- {row['method']}, {row['query_set']}: {row['refused']}")
+            continue
+        lines.append(
+            f"| {row['method']} | {row['query_set']} | {row['snr_lds']:.2f} | {row['full_lds_on_valid']:.2f} | "
+            f"{row['num_valid']} of {row['num_queries']} | {row['num_fit_failed']} | {row['num_empty']} | "
+            f"{row['median_rows_kept']:g} | {row.get('fit_on', 'stored scores')} |"
+        )
+    if refusals:
+        lines += ["", *refusals]
     return "\n".join(lines) + "\n"
 
 

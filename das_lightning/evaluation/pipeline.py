@@ -18,7 +18,12 @@ from das_lightning.artifacts import DONE_MARKER, load_finished, require_finished
 from das_lightning.attribution.features import CollectionDevice
 from das_lightning.attribution.pipeline import load_scores, scores_by_scale
 from das_lightning.data import ImageDataset, content_entry, load_index_record
-from das_lightning.diffusion import NUM_TRAIN_TIMESTEPS
+from das_lightning.diffusion import (
+    DEFAULT_GROUND_TRUTH_NOISE,
+    LEGACY_GROUND_TRUTH_NOISE,
+    NUM_TRAIN_TIMESTEPS,
+    check_noise_stream,
+)
 from das_lightning.distributed import build_trainer, is_global_zero
 from das_lightning.errors import ConfigError, MissingArtifactError
 from das_lightning.evaluation.ground_truth import (
@@ -32,6 +37,7 @@ from das_lightning.evaluation.ground_truth import (
 from das_lightning.evaluation.intervals import check_subset_count
 from das_lightning.evaluation.lambda_selection import (
     HELDOUT_MODES,
+    SELECTION_CRITERIA,
     heldout_halves,
     lds_by_lambda,
     seed_subset_rows,
@@ -40,13 +46,15 @@ from das_lightning.evaluation.lambda_selection import (
 from das_lightning.evaluation.lds_report import (
     LDSRecord,
     PairedDifference,
+    SharedFactorRecord,
     evaluate_method,
     markdown_table,
     paired_difference,
     plot_lds_vs_lambda,
+    shared_factor_records,
     snr_table,
 )
-from das_lightning.evaluation.snr_lds import snr_lds
+from das_lightning.evaluation.snr_lds import DEFAULT_SNR_RULE, check_rule, snr_row
 from das_lightning.manifest import (
     CorruptArtifactError,
     ManifestMismatchError,
@@ -78,6 +86,9 @@ class LDSSettings:
     snr_zeta: float | None = (
         None  # also report SNR-LDS (evaluation/snr_lds.py) at this zeta; NOT comparable with the LDS
     )
+    snr_rule: str = DEFAULT_SNR_RULE  # author | stored: what SNR-LDS fits (evaluation/snr_lds.py)
+    noise: str = DEFAULT_GROUND_TRUTH_NOISE  # the ground truth's noise: disjoint | coupled (diffusion.py)
+    selection: str = "plain"  # plain | centred: which LDS chooses c (evaluation/lambda_selection.py)
 
     @property
     def timesteps(self) -> list[int]:
@@ -103,8 +114,14 @@ class LDSSettings:
             raise ConfigError(
                 f"lds.timestep_stride must be in [1, {NUM_TRAIN_TIMESTEPS}], got {self.timestep_stride}"
             )
+        check_noise_stream(self.noise)  # names the allowed values
+        if self.selection not in SELECTION_CRITERIA:
+            raise ConfigError(
+                f"lds.selection must be one of {list(SELECTION_CRITERIA)}, not {self.selection!r}"
+            )
         if self.snr_zeta is not None and float(self.snr_zeta) <= 0:
             raise ConfigError(f"lds.snr_zeta must be positive (the paper's is 3), got {self.snr_zeta}")
+        check_rule(self.snr_rule)
         for key in ("query_batch_size", "pair_batch_size", "num_resamples"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"lds.{key} must be a positive integer, got {getattr(self, key)}")
@@ -188,13 +205,22 @@ def model_losses(
         list(range(len(queries))),
         settings.timesteps,
         settings.e_seeds,
+        noise=settings.noise,
         **content_entry(queries),
     )
-    cache = run.lds_dir / "ground_truth" / f"{run.tag}-seed{run.seed}" / queries.set_name.replace("/", "_")
+    # each noise stream has its own cache, so a root keeps both: coupled in the folder every cache had before
+    # lds.noise existed (those still read), disjoint beside it
+    stream = "" if settings.noise == LEGACY_GROUND_TRUTH_NOISE else f"~noise-{settings.noise}"
+    cache = (
+        run.lds_dir
+        / "ground_truth"
+        / f"{run.tag}-seed{run.seed}"
+        / (queries.set_name.replace("/", "_") + stream)
+    )
 
     def compute() -> torch.Tensor:
         model = load_finished(run, adapter)
-        inputs = model.model_space(queries)  # same set name and indices: same rule noise as the features
+        inputs = model.model_space(queries)  # same set name and indices: the noise keys of lds.noise's stream
         module = GroundTruthModule(
             model.network,
             model.alphas_cumprod,
@@ -203,6 +229,7 @@ def model_losses(
             queries.set_name,
             settings.pair_batch_size,
             extra=dataset_extra(model.extra_inputs, inputs),
+            noise=settings.noise,
         )
         # one folder every rank can see (a per-process temporary folder would hide the other ranks' rows); it
         # lives inside the manifest-checked cache, so rows left by an interrupted run are rows of this same model
@@ -284,6 +311,8 @@ class LDSReport:
     curves: dict[str, dict[str, dict[float, float]]]
     table: str
     snr: list[dict[str, Any]] = field(default_factory=list)  # SNR-LDS rows (lds.snr_zeta), apart from the LDS
+    # per query set: the factor share and the query-agnostic ceiling (evaluation/shared_factor.py)
+    shared: list[SharedFactorRecord] = field(default_factory=list)
 
 
 def evaluate(
@@ -312,12 +341,16 @@ def evaluate(
     differences: list[PairedDifference] = []
     curves: dict[str, dict[str, dict[float, float]]] = {}
     snr: list[dict[str, Any]] = []
+    shared: list[SharedFactorRecord] = []
     for name, queries in query_sets.items():
         losses_by_seed = ground_truth(runs, queries, settings, device, adapter)  # seeds x subsets x queries
         losses = losses_by_seed.mean(0)  # subsets x queries: the LDS's ground truth
         check_subset_count(len(losses))  # warns (and the table says so) below the count a Spearman needs
         halves = heldout_halves(len(queries), len(losses), settings.heldout, seed=settings.bootstrap_seed)
         report_masks, report_losses = subset_rows(masks, losses, halves.report_subsets)
+        shared += shared_factor_records(
+            name, losses_by_seed, halves, settings.num_resamples, settings.bootstrap_seed
+        )
         chosen: dict[str, np.ndarray] = {}
         for method in methods:
             by_lambda, unit, members = scores[(method, name)]
@@ -333,15 +366,32 @@ def evaluate(
                 heldout=settings.heldout,
                 members=members,
                 losses_by_seed=losses_by_seed,
+                selection=settings.selection,
             )
             records += [heldout, oracle]
             if None not in by_lambda:
                 curves.setdefault(name, {})[method] = lds_by_lambda(by_lambda, masks, losses)
             chosen[method] = by_lambda[heldout.lambda_]  # the c the held-out half selected
         if settings.snr_zeta is not None:  # each method at its held-out c, on every query and subset
-            for method in methods:
-                result = snr_lds(chosen[method], masks, losses, zeta=float(settings.snr_zeta))
-                snr.append({"method": method, "query_set": name, **result.summary()})
+            held_out = {
+                r.method: r.lambda_
+                for r in records
+                if r.query_set == name and r.lambda_selection == "heldout"
+            }
+            for method in methods:  # under lds.snr_rule=author, fitted on the signed scores of its readout
+                snr.append(
+                    snr_row(
+                        paths.scores_dir,
+                        method,
+                        name,
+                        held_out[method],
+                        chosen[method],
+                        masks,
+                        losses,
+                        float(settings.snr_zeta),
+                        settings.snr_rule,
+                    )
+                )
         for a, b in pairs:
             if a in chosen and b in chosen:
                 # each method at its held-out lambda, compared on the report half (queries, and subsets)
@@ -360,9 +410,9 @@ def evaluate(
                         losses_by_seed=seed_subset_rows(losses_by_seed, halves.report_subsets),
                     )
                 )
-    table = markdown_table(records, differences) + snr_table(snr)
+    table = markdown_table(records, differences, shared) + snr_table(snr)
     if not is_global_zero():  # under DDP every rank computed the same report; one writes it
-        return LDSReport(records, differences, curves, table, snr)
+        return LDSReport(records, differences, curves, table, snr, shared)
     out = paths.lds_results_dir
     write_lds_json(
         lds_json_path(paths),
@@ -378,6 +428,9 @@ def evaluate(
             "heldout": settings.heldout,
             "seed_rule": SEED_RULE,
             **({"snr_lds": snr} if snr else {}),
+            "noise": settings.noise,
+            "selection": settings.selection,
+            "shared_factor": [row.to_json() for row in shared],
         },
     )
     atomic_write_text(out / "lds.md", table + "\n")
@@ -389,7 +442,7 @@ def evaluate(
         }
         plot_lds_vs_lambda(by_method, out / f"lds_vs_lambda_{name}.png", selected)
     _log(logger, records, out, curves)
-    return LDSReport(records, differences, curves, table, snr)
+    return LDSReport(records, differences, curves, table, snr, shared)
 
 
 def _log(logger: Any, records: list[LDSRecord], out: Path, curves: dict) -> None:
@@ -398,15 +451,26 @@ def _log(logger: Any, records: list[LDSRecord], out: Path, curves: dict) -> None
     from das_lightning.viz import log_images_to_wandb, log_table
 
     rows = [
-        [r.method, r.query_set, r.lambda_selection, r.lambda_, r.lambda_absolute, r.lds, r.ci_low, r.ci_high]
+        [
+            r.method,
+            r.query_set,
+            r.lambda_selection,
+            r.lambda_,
+            r.lambda_absolute,
+            r.lds,
+            r.ci_low,
+            r.ci_high,
+            r.centred,
+            r.centred_ci_low,
+            r.centred_ci_high,
+            r.query_averaged,
+            r.damping_dominated,
+        ]
         for r in records
     ]
-    log_table(
-        logger,
-        "lds/table",
-        ["method", "query_set", "selection", "lambda_scale", "lambda", "lds", "ci_low", "ci_high"],
-        rows,
-    )
+    columns = ["method", "query_set", "selection", "lambda_scale", "lambda", "lds", "ci_low", "ci_high"]
+    columns += ["centred", "centred_ci_low", "centred_ci_high", "query_averaged", "damping_dominated"]
+    log_table(logger, "lds/table", columns, rows)
     for name in curves:
         with Image.open(out / f"lds_vs_lambda_{name}.png") as plot:
             log_images_to_wandb(logger, f"lds/lds_vs_lambda/{name}", plot.copy())
