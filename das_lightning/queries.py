@@ -27,22 +27,43 @@ QUERY_SETS = ("val", "generated", "files")
 class QuerySettings:
     sets: list[str] = field(default_factory=lambda: ["val", "generated"])
     num_val: int = 64
+    # 0: the validation images every run has used; d > 0: ``num_val`` other test images, none of them in draws
+    # 0..d-1 (a fresh evaluation on images that chose nothing, issue 26)
+    val_draw: int = 0
     num_generated: int = 64
     files: str | None = None  # sets=[files]: a folder of PNG/JPEG/WebP images or a text file listing them
     files_recursive: bool = False  # look into subfolders of queries.files
     files_label: str | int | None = None  # one class (name or index) for every file image without labels.csv
 
 
-def validation_queries(test_set: ImageDataset, count: int) -> ImageDataset:
-    """``count`` test images, class-stratified; refuses more than the test split holds (never fewer, silently)."""
-    if not 0 < count <= len(test_set):
+def validation_indices(test_set: ImageDataset, count: int, draw: int = 0) -> np.ndarray:
+    """The sorted test-split indices of :func:`validation_queries` (the rule in one place: the bundle checks it)."""
+    if draw < 0:
+        raise ConfigError(f"queries.val_draw must be 0 or more, got {draw}")
+    if not 0 < count * (draw + 1) <= len(test_set):
         raise ConfigError(
-            f"queries.num_val={count} but the test split {test_set.set_name} holds {len(test_set)} images; "
-            f"choose queries.num_val between 1 and {len(test_set)}"
+            f"queries.num_val={count} (val_draw {draw}: {count * (draw + 1)} distinct images) but the test split "
+            f"{test_set.set_name} holds {len(test_set)} images; choose queries.num_val between 1 and "
+            f"{len(test_set) // (draw + 1)}"
         )
-    rng = np.random.default_rng(derive_seed("val-queries", test_set.set_name, count))
-    indices = stratified_sample(test_set.labels, count, rng)
-    return test_set.take(indices, f"{test_set.set_name}:q{count}")
+    taken = np.zeros(len(test_set), dtype=bool)
+    for current in range(draw + 1):
+        keys = ("val-queries", test_set.set_name, count) + ((current,) if current else ())
+        rng = np.random.default_rng(derive_seed(*keys))
+        remaining = np.flatnonzero(~taken)
+        indices = remaining[stratified_sample(np.asarray(test_set.labels)[remaining], count, rng)]
+        taken[indices] = True
+    return indices
+
+
+def validation_queries(test_set: ImageDataset, count: int, draw: int = 0) -> ImageDataset:
+    """``count`` test images, class-stratified; refuses more than the test split holds (never fewer, silently).
+
+    ``draw`` d > 0 picks ``count`` images disjoint from those of draws 0..d-1 (stratified among the rest), named
+    ``...:q<count>:d<d>`` so that their noise and caches are their own; draw 0 is the set every run has used."""
+    indices = validation_indices(test_set, count, draw)
+    name = f"{test_set.set_name}:q{count}" + (f":d{draw}" if draw else "")
+    return test_set.take(indices, name)
 
 
 def generated_queries(paths: RunPaths, count: int, image_size: int) -> ImageDataset:
@@ -77,7 +98,7 @@ def build_query_sets(
             "queries.sets includes files: give the images with queries.files=PATH (folder or list)"
         )
     builders = {
-        "val": lambda: validation_queries(test_set, settings.num_val),
+        "val": lambda: validation_queries(test_set, settings.num_val, settings.val_draw),
         "generated": lambda: generated_queries(paths, settings.num_generated, test_set.image_size),
         "files": lambda: file_queries(
             settings.files,

@@ -371,3 +371,27 @@ def test_prediction_loader_keeps_order_and_pixels(fashion_test):
     assert batch["index"].tolist() == [5, 1999, 0, 42]
     assert torch.equal(batch["image"][1], fashion_test[1999]["image"])
     assert batch["label"].tolist() == fashion_test.labels[indices].tolist()
+
+
+def test_a_fresh_draw_of_validation_images_shares_none_with_the_earlier_draws() -> None:
+    """queries.val_draw: draw 0 is the set every run used; draw d picks other test images, still class-stratified,
+    under a name of its own (so its noise and caches are its own)."""
+    from das_lightning.data import stratified_sample
+    from das_lightning.errors import ConfigError
+    from das_lightning.queries import validation_indices, validation_queries
+    from das_lightning.seeding import derive_seed
+
+    test_set = build_dataset("fashion2", "test", None, image_size=16)
+    first, second, third = (validation_indices(test_set, 128, draw) for draw in range(3))
+    assert not set(first) & set(second) and not (set(first) | set(second)) & set(third)
+    labels = np.asarray(test_set.labels)
+    for indices in (first, second, third):
+        assert np.bincount(labels[indices]).tolist() == [64, 64]
+    rng = np.random.default_rng(
+        derive_seed("val-queries", test_set.set_name, 128)
+    )  # the rule before val_draw
+    np.testing.assert_array_equal(first, stratified_sample(test_set.labels, 128, rng))
+    assert validation_queries(test_set, 128).set_name.endswith(":q128")
+    assert validation_queries(test_set, 128, 1).set_name.endswith(":q128:d1")
+    with pytest.raises(ConfigError, match="val_draw 7"):
+        validation_indices(test_set, 500, 7)
