@@ -7,15 +7,20 @@ A bundle folder::
     bundle.json              the model's checksum and run, the training set's identity (registry options, classes,
                              N, labels and an image checksum in index order), the query sets (validation indices,
                              sampler settings of generated images), every subset's index list and weight checksums,
-                             the protocol (alpha, M, seeds, timesteps, e_seeds, held-out split), the recorded methods
+                             the protocol (alpha, M, seeds, timesteps, e_seeds, the ground truth's noise stream
+                             ``noise``, coupled when absent; held-out split), the recorded methods
     model/unet/              copy of the sealed full model folder (weights, config, DONE with its own checksums)
     model/run_manifest.json  the full run's manifest and config (its recipe)
     model/run_config.json
+    train/images.npy         the training images, uint8 train x channels x height x width, row i = training index i
+                             (column i of the masks and of every score matrix); their checksum is images_blake2b
     queries/<set>/0000.png   every query image, as the project sees it (uint8, lossless)
     ground_truth/<set>.npy   seeds x subsets x queries: each subset model's loss on each query (float64, as cached)
     predictions/<set>.npz    per recorded method, (2, subsets, queries): g = masks @ scores^T at its held-out and
                              oracle c
     lds.json                 the recorded LDS records and paired differences (lds.json's own format)
+    README.md                for a reader outside the project: the files, the score format, shape, sign, query
+                             order and pixel convention (:func:`bundle_readme`)
 
 Why predictions and not score matrices for the recorded methods: the LDS sees a score matrix only through
 g_k(q) = sum_{i in S_k} tau(q, i) (lds.py), so g (subsets x queries) is all a paired difference or a recomputed
@@ -25,6 +30,10 @@ Why float64 ground truth: the caches hold float64 losses, and the LDS is a rank 
 two subset models whose losses agree to seven digits, and the bundle's table would no longer be the run's. The
 array is R x M x Q (e.g. 3 x 64 x 128 x 8 bytes = 197 KB). The caches keep each model's loss averaged over the
 timestep grid and e_seeds, so that is what the bundle holds; per-timestep losses are not cached anywhere.
+
+Why the training images are in the bundle (500 x 16 x 16 uint8 = 128 KB for fashion2): rebuilding them takes the
+registry's stratified sampling and area resize, so a reader with numpy alone could not line up a score's columns
+with the masks' without them.
 """
 
 from __future__ import annotations
@@ -53,9 +62,8 @@ from das_lightning.data import (
     TensorImageDataset,
     build_dataset,
     dataset_identity,
-    stratified_sample,
 )
-from das_lightning.diffusion import noise_seed, rule_noise
+from das_lightning.diffusion import LEGACY_GROUND_TRUTH_NOISE, noise_seed, rule_noise
 from das_lightning.errors import ConfigError, MissingArtifactError, NumericalError
 from das_lightning.evaluation.intervals import check_subset_count
 from das_lightning.evaluation.lambda_selection import (
@@ -67,9 +75,11 @@ from das_lightning.evaluation.lds import Lambda, predictions
 from das_lightning.evaluation.lds_report import (
     LDSRecord,
     PairedDifference,
+    SharedFactorRecord,
     evaluate_method,
     markdown_table,
     paired_difference,
+    shared_factor_records,
 )
 from das_lightning.evaluation.pipeline import (
     LDSReport,
@@ -78,12 +88,15 @@ from das_lightning.evaluation.pipeline import (
     model_losses,
     subset_models,
 )
+from das_lightning.evaluation.snr_lds import DEFAULT_SNR_RULE
 from das_lightning.manifest import (
     FILES_KEY,
     MANIFEST_NAME,
     CorruptArtifactError,
     ManifestMismatchError,
     atomic_folder,
+    atomic_save,
+    atomic_write_text,
     file_record,
     hash_file,
     manifest_differences,
@@ -93,7 +106,7 @@ from das_lightning.manifest import (
 )
 from das_lightning.models.adapters import ModelAdapter
 from das_lightning.paths import RunPaths
-from das_lightning.seeding import derive_seed
+from das_lightning.queries import validation_indices
 from das_lightning.selection import write_lds_json
 from das_lightning.training import SEED_RULE
 
@@ -102,6 +115,11 @@ BUNDLE_FORMAT = 1
 BUNDLE_FILE = "bundle.json"
 LDS_FILE = "lds.json"
 UNET_FOLDER = "model/unet"
+TRAIN_IMAGES_FILE = "train/images.npy"
+README_FILE = "README.md"
+TRAIN_IMAGES_AXES = (
+    "train x channels x height x width, uint8 0-255; the models saw pixels / 127.5 - 1, in [-1, 1]"
+)
 SELECTIONS = ("heldout", "oracle")  # rows of each predictions array
 LAMBDAS_KEY = "lambdas"  # in a scores .npz: the c of each row of every lambdas x queries x train array
 
@@ -188,6 +206,8 @@ def export_bundle(
         )
     with atomic_folder(target) as staging:
         shutil.copytree(paths.unet_dir, staging / UNET_FOLDER)
+        # rows in index order: the masks' columns, the score matrices' columns
+        _save_npy(staging / TRAIN_IMAGES_FILE, _uint8_images(train_set))
         for name in ("manifest.json", "config.json"):
             if (paths.run_dir / name).exists():
                 shutil.copy(paths.run_dir / name, staging / "model" / f"run_{name}")
@@ -221,6 +241,7 @@ def export_bundle(
             {"num_subsets": settings.num_subsets, "seeds": settings.seeds, "train_set": train_set.set_name},
         )
         (staging / BUNDLE_FILE).write_text(json.dumps(description, indent=1))
+        (staging / README_FILE).write_text(bundle_readme(description))
         files = {
             path.relative_to(staging).as_posix(): file_record(path)
             for path in sorted(staging.rglob("*"))
@@ -233,6 +254,19 @@ def export_bundle(
 def _save_npy(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, array, allow_pickle=False)
+
+
+def _uint8_images(dataset: ImageDataset) -> np.ndarray:
+    """The images as uint8, images x channels x height x width, in index order."""
+    if isinstance(dataset, TensorImageDataset):
+        return dataset.images.contiguous().numpy()
+    return np.stack([dataset.image_uint8(index).numpy() for index in range(len(dataset))])
+
+
+def pixels_checksum(pixels: np.ndarray) -> str:
+    """BLAKE2b (16 bytes) of a uint8 images x channels x height x width array's bytes: :func:`_images_checksum`
+    of the dataset the array holds, so a reader checks ``train/images.npy`` with hashlib and numpy alone."""
+    return hashlib.blake2b(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes(), digest_size=16).hexdigest()
 
 
 def _images_checksum(dataset: ImageDataset) -> str:
@@ -255,7 +289,86 @@ def _train_identity(train_set: ImageDataset, dataset_options: Mapping[str, Any])
         "image_size": train_set.image_size,
         "labels": train_set.labels.tolist(),
         "images_blake2b": _images_checksum(train_set),
+        "images_file": TRAIN_IMAGES_FILE,
+        "images_axes": TRAIN_IMAGES_AXES,
     }
+
+
+def savez_line(query_sets: Mapping[str, int], num_train: int, file: str = "mine.npz") -> str:
+    """The exact ``np.savez`` call that writes scores for a bundle's query sets ({name: number of queries})."""
+    arrays = ", ".join(f"{name}=scores_{name}" for name in query_sets)
+    shapes = ", ".join(f"scores_{name} {count} x {num_train}" for name, count in query_sets.items())
+    return f'np.savez("{file}", {arrays})  # {shapes}: queries x train'
+
+
+def bundle_readme(description: Mapping[str, Any]) -> str:
+    """The bundle's README.md, from its bundle.json: what a reader with numpy (and PIL for the query PNGs) needs to
+    score a method against it: the files, the score format, shape, sign, query order and pixel convention."""
+    train = description["train_set"]
+    run = description["model"]["run"]
+    sets = {name: entry["num_queries"] for name, entry in description["query_sets"].items()}
+    num_train, channels, size = train["num_images"], train["channels"], train["image_size"]
+    num_subsets, seeds = len(description["subsets"]), description["protocol"]["seeds"]
+    noise = description["protocol"].get("noise", LEGACY_GROUND_TRUTH_NOISE)
+    first = next(iter(sets))
+    set_lines = "\n".join(
+        f"  - `{name}`: {count} queries ({description['query_sets'][name]['set_name']}):\n"
+        f"    ground truth ({len(seeds)}, {num_subsets}, {count}), scores {count} x {num_train}"
+        for name, count in sets.items()
+    )
+    return f"""# LDS bundle: {run["dataset"]} / {run["model"]}, {num_train} training images, {num_subsets} subsets
+
+Everything a Linear Datamodeling Score (LDS) needs besides the attribution method. numpy reads all of it (PIL the
+query PNGs); `examples/outside_scorer.py` in das-lightning is a complete scorer that imports nothing else.
+`manifest.json` holds the size and BLAKE2b checksum of every file.
+
+## Files
+
+- `{train["images_file"]}`: the training images, uint8, shape (train, channels, height, width) =
+  ({num_train}, {channels}, {size}, {size}), row i = training image i. Their checksum is
+  `hashlib.blake2b(np.load("{train["images_file"]}").tobytes(), digest_size=16).hexdigest()` ==
+  `bundle.json["train_set"]["images_blake2b"]` = `{train["images_blake2b"]}`. Labels:
+  `bundle.json["train_set"]["labels"]` (indices into `["class_names"]` = {json.dumps(train["class_names"])}).
+- `queries/<set>/NNNN.png`: query q of a set is `bundle.json["query_sets"][set]["images"][q]`, uint8, grayscale
+  (height x width) for 1 channel, RGB (height x width x 3) for 3. The query sets:
+{set_lines}
+- `bundle.json["subsets"][k]["indices"]`: the training images kept in subset k, i.e. the masks
+  `masks[k, i] = i in indices`, shape (subsets, train) = ({num_subsets}, {num_train}).
+- `ground_truth/<set>.npy`: float64 (seeds, subsets, queries): the loss of subset k's model (training seed r,
+  seeds {seeds}) on query q, averaged over the protocol's timesteps and e_seeds (`bundle.json["protocol"]`). The
+  LDS uses the mean over the seeds. Its noise: `bundle.json["protocol"]["noise"]` ({noise}; `coupled`: the
+  features' own draw 0, as before that key existed; `disjoint`: a stream no feature setting reproduces).
+- `predictions/<set>.npz`: per recorded method, float64 (2, subsets, queries): g = masks @ scores.T at the c its
+  held-out half selected (row 0) and at the oracle c (row 1); `bundle.json["recorded"]["selected"]` names them.
+- `lds.json`: the recorded LDS records and paired differences, each plain and centred (`centred`: the LDS once
+  the subset ranking shared by all queries is removed: per query z-score losses and predictions over the subsets,
+  then subtract the per-subset mean over the queries), with the query-averaged prediction's LDS and, per query set
+  in `meta.shared_factor`, that ranking's share of the variance and the other-queries ceiling; `model/`: the
+  sealed full model and its recipe.
+
+## Pixels
+
+On disk every image is uint8, 0-255. The diffusion model saw `pixels / 127.5 - 1`, in [-1, 1], and the recorded
+`pixel` method is the cosine of those [-1, 1] pixels (each image flattened to {channels * size * size} numbers). The cosine of
+[0, 1] pixels is another method with another LDS.
+
+## Your scores
+
+`scores[q, i]`: one row per query (in the order above), one column per training image (the rows of
+`{train["images_file"]}`), finite floats. Sign: a larger score says training image i helps query q more; the LDS of
+query q is the Spearman correlation over subsets k of `g_k(q) = sum of scores[q, i] over i kept in subset k` with
+minus the loss `L_k(q)`, averaged over queries. Write one array per query set (a set left out is not evaluated):
+
+    {savez_line(sets, num_train)}
+
+With a regularisation strength to choose, give lambdas x queries x train arrays and their c values
+(`np.savez(..., {first}=scores_by_c, lambdas=np.array([c1, c2, ...]))`): the held-out half of the queries chooses c,
+as for the recorded methods.{"" if len(sets) > 1 else " A .npy of the one array works too."} Then, in das-lightning:
+
+    python evaluate_lds.py bundle=THIS_FOLDER scores=mine.npz
+
+prints the LDS with held-out and oracle c, bootstrap intervals and paired differences against the recorded methods.
+"""
 
 
 def _validation_indices(queries: ImageDataset, test_set: ImageDataset | None) -> list[int] | None:
@@ -263,8 +376,10 @@ def _validation_indices(queries: ImageDataset, test_set: ImageDataset | None) ->
     image by image, so a change of that rule gives no index list rather than a wrong one."""
     if test_set is None:
         return None
-    rng = np.random.default_rng(derive_seed("val-queries", test_set.set_name, len(queries)))
-    indices = stratified_sample(test_set.labels, len(queries), rng)
+    # a fresh draw of validation images is named "...:q<count>:d<draw>" (queries.validation_queries)
+    suffix = queries.set_name.rsplit(":", 1)[-1]
+    draw = int(suffix[1:]) if suffix.startswith("d") and suffix[1:].isdigit() else 0
+    indices = validation_indices(test_set, len(queries), draw)
     same = all(
         torch.equal(test_set.image_uint8(int(i)), queries.image_uint8(row)) for row, i in enumerate(indices)
     )
@@ -353,7 +468,14 @@ class Bundle:
 
     @property
     def settings(self) -> LDSSettings:
-        protocol = self.description["protocol"]
+        # a bundle exported before lds.noise existed measured its ground truth coupled (the features' draw 0); one
+        # exported before lds.snr_rule existed is read with today's default rule (it records no SNR-LDS rows)
+        protocol = {
+            "noise": LEGACY_GROUND_TRUTH_NOISE,
+            "snr_rule": DEFAULT_SNR_RULE,
+            "selection": "plain",  # c was chosen on the plain LDS before lds.selection existed
+            **self.description["protocol"],
+        }
         return LDSSettings(**{f.name: protocol[f.name] for f in dataclasses.fields(LDSSettings)})
 
     @property
@@ -379,6 +501,23 @@ class Bundle:
                 pixels = np.asarray(picture)
             pictures.append(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1))
         return np.stack(pictures)
+
+    def train_images(self) -> np.ndarray:
+        """The training images as uint8, train x channels x height x width, row i = training index i (column i
+        of the masks and of every score matrix), checked against the recorded checksum."""
+        identity = self.description["train_set"]
+        if "images_file" not in identity:
+            raise MissingArtifactError(
+                f"LDS bundle {self.path} was exported without its training images: add them (rebuilt from the "
+                f"registry, checked against its checksum) with complete_bundle({str(self.path)!r})"
+            )
+        pixels = np.load(self.path / identity["images_file"], allow_pickle=False)
+        if pixels_checksum(pixels) != identity["images_blake2b"]:
+            raise CorruptArtifactError(
+                f"LDS bundle {self.path}: {identity['images_file']} is not the training set its bundle.json names "
+                "(images_blake2b differs): copy the bundle again from its source"
+            )
+        return pixels
 
     def halves(self, query_set: str) -> Any:
         return heldout_halves(
@@ -424,6 +563,7 @@ def load_bundle(path: str | Path) -> Bundle:
         for relative in [
             *(entry["file"] for entry in description["ground_truth"].values()),
             *(f"predictions/{name}.npz" for name in description["query_sets"]),
+            *([description["train_set"]["images_file"]] if "images_file" in description["train_set"] else []),
         ]
         if relative not in records
     ]
@@ -459,6 +599,28 @@ def load_bundle(path: str | Path) -> Bundle:
                 path, {f"protocol.heldout_split.{name}": (stored, _halves_json(bundle.halves(name)))}
             )
     return bundle
+
+
+def complete_bundle(path: str | Path, data_root: str | Path | None = None, download: bool = False) -> Path:
+    """Add what a bundle exported before they were part of one lacks: the training images (rebuilt from the
+    registry by :func:`bundle_train_set`, so refused unless their checksum is the recorded ``images_blake2b``) and
+    the README. bundle.json only gains keys; the manifest gains the new files' records."""
+    bundle = load_bundle(path)
+    if "images_file" in bundle.description["train_set"] and (bundle.path / README_FILE).is_file():
+        return bundle.path
+    pixels = _uint8_images(bundle_train_set(bundle, data_root, download))
+    description = bundle.description
+    description["train_set"].update(images_file=TRAIN_IMAGES_FILE, images_axes=TRAIN_IMAGES_AXES)
+    (bundle.path / TRAIN_IMAGES_FILE).parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(bundle.path / TRAIN_IMAGES_FILE, lambda tmp: _save_npy(tmp, pixels))
+    atomic_write_text(bundle.path / BUNDLE_FILE, json.dumps(description, indent=1))
+    atomic_write_text(bundle.path / README_FILE, bundle_readme(description))
+    manifest = read_manifest(bundle.path) or {}
+    for relative in (BUNDLE_FILE, README_FILE, TRAIN_IMAGES_FILE):
+        manifest[FILES_KEY][relative] = file_record(bundle.path / relative)
+    write_manifest(bundle.path, manifest)
+    load_bundle(bundle.path).train_images()  # it loads, and its images are the recorded ones
+    return bundle.path
 
 
 def _from_json(kind: type, document: Mapping[str, Any], renamed: Mapping[str, str] = {}) -> Any:
@@ -589,6 +751,7 @@ class BundleReport:
     records: list[LDSRecord]
     differences: list[PairedDifference]
     table: str
+    shared: list[SharedFactorRecord] = dataclasses.field(default_factory=list)
 
 
 ScoresInput = str | Path | np.ndarray | Mapping[str, Any]
@@ -676,9 +839,17 @@ def evaluate_scores(
     check_subset_count(len(bundle.masks))  # warns, as the LDS stage does, below the count a Spearman needs
     records: list[LDSRecord] = []
     differences: list[PairedDifference] = []
+    shared: list[SharedFactorRecord] = []
     for query_set, by_lambda in by_set.items():
         losses = bundle.losses(query_set)  # subsets x queries
         halves = bundle.halves(query_set)
+        shared += shared_factor_records(
+            query_set,
+            bundle.ground_truth[query_set],
+            halves,
+            settings.num_resamples,
+            settings.bootstrap_seed,
+        )
         heldout, oracle = evaluate_method(
             by_lambda,
             bundle.masks,
@@ -689,6 +860,8 @@ def evaluate_scores(
             settings.bootstrap_seed,
             heldout=settings.heldout,
             losses_by_seed=bundle.ground_truth[query_set],
+            num_train=bundle.num_train,
+            selection=settings.selection,
         )
         records += [heldout, oracle]
         chosen = by_lambda[heldout.lambda_]  # the c the held-out half selected
@@ -700,8 +873,9 @@ def evaluate_scores(
     table = markdown_table(
         [*bundle.records, *records],
         [*bundle.differences, *differences],
+        shared,
     )
-    return BundleReport(records, differences, table)
+    return BundleReport(records, differences, table, shared)
 
 
 def reproduce_recorded(bundle: Bundle | str | Path) -> BundleReport:
@@ -713,9 +887,17 @@ def reproduce_recorded(bundle: Bundle | str | Path) -> BundleReport:
     stored_records = {(r.method, r.query_set, r.lambda_selection): r for r in bundle.records}
     records: list[LDSRecord] = []
     differences: list[PairedDifference] = []
+    shared: list[SharedFactorRecord] = []
     for query_set in bundle.query_sets:
         losses = bundle.losses(query_set)
         selected = bundle.description["recorded"]["selected"][query_set]
+        shared += shared_factor_records(
+            query_set,
+            bundle.ground_truth[query_set],
+            bundle.halves(query_set),
+            settings.num_resamples,
+            settings.bootstrap_seed,
+        )
         for method, stored in bundle.predictions[query_set].items():
             # the held-out c was best on the selection half over the whole grid and the oracle c on everything,
             # so choosing between these two alone chooses them again
@@ -730,6 +912,8 @@ def reproduce_recorded(bundle: Bundle | str | Path) -> BundleReport:
                 settings.bootstrap_seed,
                 heldout=settings.heldout,
                 losses_by_seed=bundle.ground_truth[query_set],
+                num_train=bundle.num_train,
+                selection=settings.selection,
             ):
                 original = stored_records[(method, query_set, record.lambda_selection)]
                 # the unit, the grid's edges and the members are the score folder's, recorded with the records
@@ -755,7 +939,7 @@ def reproduce_recorded(bundle: Bundle | str | Path) -> BundleReport:
                         query_set,
                     )
                 )
-    return BundleReport(records, differences, markdown_table(records, differences))
+    return BundleReport(records, differences, markdown_table(records, differences, shared), shared)
 
 
 def _paired_on_predictions(
@@ -793,6 +977,7 @@ def _scores_by_set(
     bundle: Bundle, scores: ScoresInput, lambdas: Sequence[float] | None
 ) -> dict[str, dict[Lambda, np.ndarray]]:
     """{query set: {c: queries x train}}, every shape checked against the bundle (one error naming the expected)."""
+    source = Path(scores) if isinstance(scores, str | Path) else None  # named in the errors
     if isinstance(scores, str | Path):
         scores = project_scores(bundle, Path(scores)) if Path(scores).is_dir() else read_scores_file(scores)
     if isinstance(scores, np.ndarray | torch.Tensor):
@@ -802,9 +987,14 @@ def _scores_by_set(
         lambdas = [float(c) for c in np.asarray(scores.pop(LAMBDAS_KEY)).ravel()]
     if "" in scores:  # one unnamed array: the bundle's only query set
         if len(bundle.query_sets) != 1 or len(scores) != 1:
+            # one matrix cannot say which set it scores (every set may have the same shape): name them in an .npz
+            file = Path("mine.npz") if source is None else source.with_suffix(".npz")
+            sets = {name: bundle.num_queries(name) for name in bundle.query_sets}
             raise ConfigError(
-                f"the bundle has query sets {bundle.query_sets}: save one array per set in an .npz, "
-                f"e.g. np.savez(FILE, {', '.join(f'{s}=...' for s in bundle.query_sets)})"
+                f"{'one array' if source is None else f'{source.name} holds one array'}, and the bundle has "
+                f"query sets {bundle.query_sets}: save one "
+                f"array per set (a set left out is not evaluated) with {savez_line(sets, bundle.num_train, str(file))}"
+                f", then pass scores={file}"
             )
         scores = {bundle.query_sets[0]: scores.pop("")}
     unknown = sorted(set(scores) - set(bundle.query_sets))
