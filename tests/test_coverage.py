@@ -5,8 +5,8 @@ differ in noise), at nominal 90%, for R = 1, 2 and 4 training seeds, paired diff
 The target is the world's population value for its seeds (brute force on 1500 subsets x 600 queries), so the
 two-way interval's claim is tested as stated: conditional on the seeds that were trained. Each check accepts a
 coverage within three binomial standard errors of 0.90 over its experiments (0.836-0.964 for 200); the seed-aware
-interval, reported from 4 seeds on, targets another draw of the seeds as well, so against the conditional target it
-must only be at least as wide (conservative).
+interval targets another draw of the seeds as well (benchmarks/coverage.py measures that target), so against the
+conditional one it must only be conservative.
 """
 
 from __future__ import annotations
@@ -47,20 +47,23 @@ def coverage(num_seeds: int) -> dict[str, float]:
     targets = population_targets(world, num_subsets=1500, num_queries=600)
     rng = np.random.default_rng(2026 + num_seeds)
     identity = np.eye(NUM_SUBSETS)
-    hits: dict[str, list[bool]] = {
-        name: [] for name in ("plain", "seeded", "difference", "centred", "centred_diff")
-    }
+    names = ("plain", "seeded", "difference", "seeded_difference", "centred", "centred_diff", "claimed")
+    hits: dict[str, list[bool]] = {name: [] for name in names}
     for experiment in range(EXPERIMENTS):
         sample = draw(world, NUM_SUBSETS, NUM_QUERIES, rng)
         a, b = sample.scores
         spread = seed_spread_lds(a, sample.masks, sample.losses_by_seed, RESAMPLES, experiment, NOMINAL)
         averaged = spread.averaged
         hits["plain"].append(averaged.corrected_low <= targets.plain[0] <= averaged.corrected_high)
-        hits["seeded"].append(spread.low <= targets.plain[0] <= spread.high)
+        hits["seeded"].append(spread.seed_low <= targets.plain[0] <= spread.seed_high)
         difference = seed_spread_difference(
             a, b, sample.masks, sample.losses_by_seed, RESAMPLES, experiment, NOMINAL
         )
         hits["difference"].append(difference.low <= targets.plain_difference <= difference.high)
+        hits["seeded_difference"].append(
+            difference.seed_low <= targets.plain_difference <= difference.seed_high
+        )
+        hits["claimed"].append(spread.seed_interval)
         centred_losses = remove_shared_factor(sample.losses_by_seed.mean(axis=0))
         centred_a = remove_shared_factor(sample.masks @ a.T).T
         centred_b = remove_shared_factor(sample.masks @ b.T).T
@@ -85,18 +88,19 @@ def test_two_way_interval_covers_the_world_for_its_seeds(num_seeds: int) -> None
         assert abs(result[name] - NOMINAL) <= TOLERANCE, (name, result)
 
 
-@pytest.mark.parametrize("num_seeds", [1, 2])
-def test_below_the_seed_count_the_reported_interval_is_the_two_way_one(num_seeds: int) -> None:
+@pytest.mark.parametrize("num_seeds", [1, 2, 4])
+def test_paired_differences_cover_for_the_seeds_trained(num_seeds: int) -> None:
     result = coverage(num_seeds)
-    assert num_seeds < MIN_SEEDS_FOR_SEED_INTERVAL
-    assert result["seeded"] == result["plain"]
     assert abs(result["difference"] - NOMINAL) <= TOLERANCE, result
+    assert result["claimed"] == float(
+        num_seeds >= MIN_SEEDS_FOR_SEED_INTERVAL
+    )  # the seed-aware one, where claimed
 
 
-def test_from_four_seeds_the_seed_aware_interval_is_reported_and_conservative_for_fixed_seeds() -> None:
+def test_the_seed_aware_interval_is_conservative_for_the_seeds_trained() -> None:
+    """It also covers another draw of the seeds (benchmarks/coverage.py measures that), so against these seeds' own
+    value it is at least nominal and at least as often right as the two-way interval."""
     result = coverage(4)
-    assert MIN_SEEDS_FOR_SEED_INTERVAL <= 4
-    # it also covers another draw of the seeds, so against these seeds' own value it is at least nominal
     assert result["seeded"] >= NOMINAL - TOLERANCE, result
     assert result["seeded"] >= result["plain"]
-    assert result["difference"] >= NOMINAL - TOLERANCE, result
+    assert result["seeded_difference"] >= NOMINAL - TOLERANCE, result

@@ -176,23 +176,30 @@ class SeedSpread:
 
     @property
     def seed_interval(self) -> bool:
-        """Whether the reported interval resamples the seeds: only from :data:`MIN_SEEDS_FOR_SEED_INTERVAL` on."""
+        """Whether the seed-aware interval is reported: only from :data:`MIN_SEEDS_FOR_SEED_INTERVAL` seeds on."""
         return self.num_seeds >= MIN_SEEDS_FOR_SEED_INTERVAL
 
     @property
     def low(self) -> float:
-        """The reported interval's low end: seed-aware from MIN_SEEDS_FOR_SEED_INTERVAL seeds, else the two-way
-        interval on the seed-averaged ground truth (conditional on the seeds that were trained)."""
-        return self.seed_low if self.seed_interval else self.averaged.corrected_low
+        """The reported interval's low end: the two-way interval on the seed-averaged ground truth (conditional on
+        the seeds that were trained)."""
+        return self.averaged.corrected_low
 
     @property
     def high(self) -> float:
-        return self.seed_high if self.seed_interval else self.averaged.corrected_high
+        return self.averaged.corrected_high
 
     @property
     def resolved(self) -> bool:
         """True when the reported interval (:attr:`low`, :attr:`high`) excludes zero."""
         return bool(self.low > 0 or self.high < 0)
+
+    @property
+    def seed_resolved(self) -> bool | None:
+        """True when the seed-aware interval excludes zero; None below MIN_SEEDS_FOR_SEED_INTERVAL seeds."""
+        if not self.seed_interval:
+            return None
+        return bool(self.seed_low > 0 or self.seed_high < 0)
 
     def as_percent(self) -> dict[str, object]:
         return {

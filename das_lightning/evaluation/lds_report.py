@@ -55,7 +55,8 @@ log = logging.getLogger(__name__)
 
 INTERVAL = (
     "two-way bootstrap over queries and subsets (half-sampling), bias-corrected, on the seed-averaged ground truth"
-    f" (conditional on the seeds trained); seeds resampled too from R = {MIN_SEEDS_FOR_SEED_INTERVAL} seeds on"
+    f" (conditional on the seeds trained); from R = {MIN_SEEDS_FOR_SEED_INTERVAL} seeds on also the seed-aware"
+    " interval (seeds resampled too), in its own column"
 )
 # The damping-dominated flag: at c >= N (lambda >= trace(K) >= the largest eigenvalue of K, and the same for EK-FAC's
 # d = c x trace(G)/N) every eigenvalue of (K + lambda I)^-1 lies within a factor 2 of 1/lambda: the method is, within
@@ -107,7 +108,10 @@ class LDSRecord:
     query_averaged: float | None = None
     # c >= DAMPING_DOMINATED_C_PER_TRAIN x N: the scores are the plain dot product within DAMPING_TOLERANCE
     damping_dominated: bool = False
-    seed_interval: bool = False  # whether [ci_low, ci_high] resamples the training seeds too
+    # the seed-aware interval (training seeds resampled too: another draw of the seeds), PERCENT; None below
+    # MIN_SEEDS_FOR_SEED_INTERVAL seeds, where it is not claimed
+    seed_ci_low: float | None = None
+    seed_ci_high: float | None = None
     selected_on: str = "plain"  # which LDS chose c (lds.selection)
 
     def to_json(self) -> dict[str, Any]:
@@ -135,6 +139,9 @@ class PairedDifference:
     ci_high: float
     per_seed: tuple[float, ...] = ()
     interval: str = INTERVAL
+    # the seed-aware paired interval (seeds resampled too), from MIN_SEEDS_FOR_SEED_INTERVAL seeds on
+    seed_ci_low: float | None = None
+    seed_ci_high: float | None = None
     # the same difference on the centred LDS (shared subset ranking removed), same draws; None when not computed
     centred_diff: float | None = None
     centred_ci_low: float | None = None
@@ -142,9 +149,16 @@ class PairedDifference:
 
     @property
     def resolved(self) -> bool:
-        """The interval excludes zero: the difference survives the queries and the subsets (and the seeds, from
-        MIN_SEEDS_FOR_SEED_INTERVAL seeds on)."""
+        """The interval excludes zero: the difference survives the queries and the subsets (for the seeds that
+        were trained)."""
         return self.ci_low > 0 or self.ci_high < 0
+
+    @property
+    def seed_resolved(self) -> bool | None:
+        """The seed-aware interval excludes zero (it survives another draw of the seeds); None where not claimed."""
+        if self.seed_ci_low is None or self.seed_ci_high is None:
+            return None
+        return self.seed_ci_low > 0 or self.seed_ci_high < 0
 
     @property
     def centred_resolved(self) -> bool | None:
@@ -157,6 +171,7 @@ class PairedDifference:
             **dataclasses.asdict(self),
             "per_seed": list(self.per_seed),
             "resolved": self.resolved,
+            "seed_resolved": self.seed_resolved,
             "centred_resolved": self.centred_resolved,
         }
 
@@ -227,7 +242,8 @@ def _record(
         centred_per_seed=() if centred is None else tuple(_percent(value) for value in centred.per_seed),
         query_averaged=None if centred is None else _percent(centred.query_averaged),
         damping_dominated=damping_dominated(lambda_, num_train),
-        seed_interval=result.seed_interval,
+        seed_ci_low=max(-100.0, _percent(result.seed_low)) if result.seed_interval else None,
+        seed_ci_high=min(100.0, _percent(result.seed_high)) if result.seed_interval else None,
     )
 
 
@@ -504,6 +520,8 @@ def paired_difference(
         max(-200.0, _percent(spread.low)),
         min(200.0, _percent(spread.high)),
         tuple(_percent(value) for value in spread.per_seed),
+        seed_ci_low=max(-200.0, _percent(spread.seed_low)) if spread.seed_interval else None,
+        seed_ci_high=min(200.0, _percent(spread.seed_high)) if spread.seed_interval else None,
         centred_diff=_percent(centred.estimate),
         centred_ci_low=max(-200.0, _percent(centred.corrected_low)),
         centred_ci_high=min(200.0, _percent(centred.corrected_high)),
@@ -527,11 +545,14 @@ def markdown_table(
     one of the query-agnostic baselines per query set (``shared``) and one of the paired differences, plain and
     centred."""
     several_seeds = any(len(record.per_seed) > 1 for record in records)
-    seeds_header = " per seed (%) |" if several_seeds else ""
+    seed_aware = any(record.seed_ci_low is not None for record in records)
+    seeds_header = (" per seed (%) |" if several_seeds else "") + (" seed-aware CI |" if seed_aware else "")
     lines = [
         f"| method | query set | lambda selection | c (lambda) | LDS (%) [95% CI] |{seeds_header} "
         "centred LDS (%) [95% CI] | query-averaged (%) | subsets | queries |",
-        "|---|---|---|---|---|---|---|---|---|" + ("---|" if several_seeds else ""),
+        "|---|---|---|---|---|---|---|---|---|"
+        + ("---|" if several_seeds else "")
+        + ("---|" if seed_aware else ""),
     ]
     edges, dominated = [], []
     for record in records:
@@ -548,6 +569,12 @@ def markdown_table(
             f" ({record.num_undefined} undefined)" if record.num_undefined else ""
         )
         per_seed = f" {', '.join(f'{value:.2f}' for value in record.per_seed)} |" if several_seeds else ""
+        if seed_aware:
+            per_seed += (
+                " - |"
+                if record.seed_ci_low is None
+                else f" [{record.seed_ci_low:.2f}, {record.seed_ci_high:.2f}] |"
+            )
         agnostic = "-" if record.query_averaged is None else f"{record.query_averaged:.2f}"
         lines.append(
             f"| {record.method} | {record.query_set} | {record.lambda_selection} | {lambda_text} | "
@@ -592,15 +619,25 @@ def markdown_table(
             for row in shared
         ]
     if differences:
+        seeded = any(d.seed_ci_low is not None for d in differences)
+
+        def seed_cell(d: PairedDifference) -> str:
+            if not seeded:
+                return ""
+            if d.seed_ci_low is None:
+                return " - |"
+            return f" [{d.seed_ci_low:.2f}, {d.seed_ci_high:.2f}] {'yes' if d.seed_resolved else 'no'} |"
+
         lines += [
             "",
-            "| a | b | query set | LDS(a) - LDS(b) (%) [95% paired CI] | resolved | centred LDS(a) - LDS(b) (%) "
-            "[95% paired CI] | resolved |",
-            "|---|---|---|---|---|---|---|",
+            "| a | b | query set | LDS(a) - LDS(b) (%) [95% paired CI] | resolved |"
+            + (" seed-aware CI, resolved |" if seeded else "")
+            + " centred LDS(a) - LDS(b) (%) [95% paired CI] | resolved |",
+            "|---|---|---|---|---|---|---|" + ("---|" if seeded else ""),
         ]
         lines += [
             f"| {d.a} | {d.b} | {d.query_set} | {_format_interval(d.diff, d.ci_low, d.ci_high)} | "
-            f"{'yes' if d.resolved else 'no'} | "
+            f"{'yes' if d.resolved else 'no'} |{seed_cell(d)} "
             f"{_optional_interval(d.centred_diff, d.centred_ci_low, d.centred_ci_high)} | "
             f"{'-' if d.centred_resolved is None else ('yes' if d.centred_resolved else 'no')} |"
             for d in differences
