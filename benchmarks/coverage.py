@@ -117,7 +117,7 @@ def main() -> None:
         "min_seeds_for_seed_interval": MIN_SEEDS_FOR_SEED_INTERVAL,
     }
     lines = [
-        "# Coverage of LDS intervals with a seed effect (benchmarks/coverage.py)",
+        "# Coverage of LDS intervals (benchmarks/coverage.py)",
         "",
         f"{document['command']} ({document['date']}, {document['seconds']:.0f} s). Nominal 90%, "
         f"{args.experiments} experiments per row (binomial tolerance +-{tolerance:.3f}); seed effect: log-sd "
