@@ -474,6 +474,7 @@ def test_train_attribute_and_lds_run_end_to_end_on_a_lora_pipeline(
         range(0, 1000, 500),
         [0],
         extra=dataset_extra(model.extra_inputs, queries),
+        noise="disjoint",  # the ground truth's own stream (lds.noise's default)
     )
     torch.testing.assert_close(load_file(str(cached))["loss"], direct, rtol=1e-5, atol=1e-7)
 
