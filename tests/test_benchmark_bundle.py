@@ -134,3 +134,26 @@ def test_numpy_pixel_cosine_against_the_bundle_matches_the_recorded_baseline(bun
         assert record.lds == pytest.approx(
             recorded[("pixel", record.query_set, record.lambda_selection)].lds, abs=1e-9
         )
+
+
+def test_the_fresh_evaluation_bundle_reproduces_its_committed_table() -> None:
+    """benchmarks/bundles/fashion2_fresh (benchmarks/lds_fresh.py: data that chose nothing, disjoint ground-truth
+    noise) recomputes every record and paired difference of benchmarks/results/lds_fashion2_fresh.json."""
+    fresh = REPO / "benchmarks" / "bundles" / "fashion2_fresh"
+    size = sum(path.stat().st_size for path in fresh.rglob("*") if path.is_file())
+    assert size < 4 * 2**20
+    bundle = load_bundle(fresh)
+    assert bundle.settings.noise == "disjoint" and bundle.settings.seeds == [2, 3]
+    committed = json.loads((REPO / "benchmarks" / "results" / "lds_fashion2_fresh.json").read_text())
+    report = reproduce_recorded(bundle)
+    recomputed = {(r.method, r.query_set, r.lambda_selection): r for r in report.records}
+    assert len(recomputed) == len(committed["records"])
+    for record in committed["records"]:
+        again = recomputed[(record["method"], record["query_set"], record["lambda_selection"])]
+        for key in ("lds", "ci_low", "ci_high", "centred", "centred_ci_low", "centred_ci_high"):
+            assert getattr(again, key) == pytest.approx(record[key], abs=1e-9), (record["method"], key)
+    differences = {(d.a, d.b, d.query_set): d for d in report.differences}
+    for difference in committed["differences"]:
+        again = differences[(difference["a"], difference["b"], difference["query_set"])]
+        for key in ("diff", "ci_low", "ci_high", "centred_diff", "centred_ci_low", "centred_ci_high"):
+            assert getattr(again, key) == pytest.approx(difference[key], abs=1e-9)
