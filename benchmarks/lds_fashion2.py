@@ -110,6 +110,29 @@ def run_parallel(stage: str, commands: list[list[str]], timings: dict[str, float
     print(f"    {timings[stage]:.0f} s", flush=True)
 
 
+def train_subset_models(
+    common: list[str], num_subsets: int, seeds: list[int], workers: int, timings: dict[str, float]
+) -> None:
+    """Subsets 0..M-1 under every training seed, as ``workers`` single-thread Hydra multiruns side by side."""
+    chunks = [list(range(num_subsets))[w::workers] for w in range(workers)]
+    run_parallel(
+        "train subset models",
+        [
+            [
+                "train.py",
+                "-m",
+                *common,
+                "subset=lds",
+                f"subset.index={','.join(map(str, chunk))}",
+                f"seed={','.join(map(str, seeds))}",
+            ]
+            for chunk in chunks
+            if chunk
+        ],
+        timings,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -149,24 +172,8 @@ def main() -> None:
             ["train.py", *common, f"seed={seed}", f"train.snapshot_every_n_steps={SNAPSHOT_EVERY}"],
             timings,
         )
-    chunks = [list(range(args.subsets))[w :: args.workers] for w in range(args.workers)]
-    chunks = [] if args.evaluate_only else chunks
-    run_parallel(
-        "train subset models",
-        [
-            [
-                "train.py",
-                "-m",
-                *common,
-                "subset=lds",
-                f"subset.index={','.join(map(str, chunk))}",
-                f"seed={','.join(map(str, args.seeds))}",
-            ]
-            for chunk in chunks
-            if chunk
-        ],
-        timings,
-    )
+    if not args.evaluate_only:
+        train_subset_models(common, args.subsets, args.seeds, args.workers, timings)
     methods = [name for name in METHODS if not any(fnmatch.fnmatch(name, skip) for skip in args.skip)]
     for name in [] if args.evaluate_only else methods:
         run(f"attribute {name}", ["attribute.py", *common, *ATTRIBUTIONS[name]], timings)

@@ -26,7 +26,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lds_fashion2 import cpu_model, run, run_parallel
+from lds_fashion2 import cpu_model, run, train_subset_models
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -77,23 +77,7 @@ def main() -> None:
     started = time.perf_counter()
     if not args.evaluate_only:
         run("train full model seed 0", ["train.py", *common, "seed=0", "generate.sampler.seed=1"], timings)
-        chunks = [list(range(args.subsets))[w :: args.workers] for w in range(args.workers)]
-        run_parallel(
-            "train subset models",
-            [
-                [
-                    "train.py",
-                    "-m",
-                    *common,
-                    "subset=lds",
-                    f"subset.index={','.join(map(str, chunk))}",
-                    f"seed={','.join(map(str, args.seeds))}",
-                ]
-                for chunk in chunks
-                if chunk
-            ],
-            timings,
-        )
+        train_subset_models(common, args.subsets, args.seeds, args.workers, timings)
         for name, overrides in ATTRIBUTIONS.items():
             run(f"attribute {name}", ["attribute.py", *common, *fresh_queries, *overrides], timings)
     evaluate = [

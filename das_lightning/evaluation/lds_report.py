@@ -38,6 +38,7 @@ from das_lightning.evaluation.lambda_selection import (
 from das_lightning.evaluation.lds import (
     ArrayLike,
     Lambda,
+    _as_tensor,
     lds_from_predictions,
     nanmean_with_count,
     predictions,
@@ -283,21 +284,15 @@ def centred_lds(predicted: ArrayLike, losses_by_seed: ArrayLike, num_resamples: 
     )
     per_seed = tuple(
         nanmean_with_count(
-            lds_from_predictions(_tensor(centred_predicted), _tensor(remove_shared_factor(losses)))
+            lds_from_predictions(_as_tensor(centred_predicted), _as_tensor(remove_shared_factor(losses)))
         )[0]
         for losses in by_seed
     )
     averaged = by_seed.mean(axis=0)
     agnostic, _ = nanmean_with_count(
-        lds_from_predictions(_tensor(query_averaged(predicted)), _tensor(averaged))
+        lds_from_predictions(_as_tensor(query_averaged(predicted)), _as_tensor(averaged))
     )
     return CentredLDS(interval, per_seed, agnostic)
-
-
-def _tensor(values: np.ndarray) -> Any:
-    import torch
-
-    return torch.as_tensor(values, dtype=torch.float64)
 
 
 def shared_factor_record(
